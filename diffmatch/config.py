@@ -1,0 +1,185 @@
+"""Typed configuration shared by every entry point.
+
+Each entry point parses its own ``Args`` with ``tyro.cli`` in its ``__main__`` block; functions take
+the sub-config they need (``DataConfig``, ``ModelConfig``, ...) or plain arguments, never the whole
+``Args``. Defaults are the paper's settings (§4.1.2) as fixed in METHOD.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+Method = Literal["supervised", "fixmatch", "diffmatch"]
+CEGMode = Literal["pixel", "instance", "mixed"]
+
+
+@dataclass
+class DataConfig:
+    """Where a data set lives and how its samples are cut."""
+
+    root: Path
+    """Data set root: ``A/``, ``B/``, ``label/``, optional ``list/``, ``vlm/`` and ``pseudo/``."""
+    split_dir: Path | None = None
+    """UniMatch/DiffMatch split folder (``<dir>/5%/labeled.txt`` ...). None: draw the labelled ids
+    from the training ids with ``label_ratio`` and the seed."""
+    unlabeled_root: Path | None = None
+    """Unlabelled pairs (with their pseudo labels) from another data set root, for the cross-data-set
+    setting of Table 4. None: the unlabelled ids of ``root``."""
+    pseudo_dir: str = "pseudo"
+    """Folder under each root that holds the CEG outputs (``change/``, ``A/``, ``B/``). Point it at
+    the output of ``python -m diffmatch.ceg --mode pixel --out-name pseudo_pixel`` for the pixel-level
+    CEG ablation of Table 7."""
+    crop_size: int = 256
+    """Side of the square training crop (weak view)."""
+    val_split: str = "val"
+    """Split used to pick the best checkpoint."""
+    test_split: str = "test"
+    """Split reported at the end of training."""
+
+
+@dataclass
+class AugmentConfig:
+    """Weak and strong views (METHOD §6; UniMatch's transforms)."""
+
+    scale: tuple[float, float] = (0.8, 1.2)
+    """Random rescale range of the long side (weak view)."""
+    hflip_prob: float = 0.5
+    """Probability of a horizontal flip (weak view)."""
+    jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25)
+    """Colour jitter strength: brightness, contrast, saturation, hue (strong view)."""
+    jitter_prob: float = 0.8
+    """Probability of colour jitter, drawn per date (strong view)."""
+    blur_prob: float = 0.5
+    """Probability of Gaussian blur, drawn per date (strong view)."""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Range of the blur's sigma (strong view)."""
+    cutmix_prob: float = 0.5
+    """Probability of pasting a CutMix box (strong view)."""
+    cutmix_area: tuple[float, float] = (0.02, 0.4)
+    """Range of the CutMix box area as a share of the crop."""
+    cutmix_aspect: tuple[float, float] = (0.3, 1 / 0.3)
+    """Range of the CutMix box aspect ratio (height / width)."""
+
+
+@dataclass
+class ModelConfig:
+    """Siamese encoder and decoders (METHOD §5; §3.4–3.7)."""
+
+    backbone: Backbone = "resnet50"
+    """torchvision ResNet shared by both dates; the last stage is dilated (output stride 16)."""
+    weights: str = "none"
+    """Encoder initialisation: ``none``, ``imagenet`` (torchvision's download, only when asked) or the
+    path of a local ResNet state dict."""
+    decoder_channels: int = 256
+    """Width of the all-MLP decoders."""
+    dual_head: bool = True
+    """Dual projection head (§3.4): the CEG change labels train ``w_vl``, not ``w_cr``."""
+
+
+@dataclass
+class CEGConfig:
+    """Change event generation from single-date VLM outputs (§3.2; METHOD §3–4)."""
+
+    mode: CEGMode = "mixed"
+    """Change labels to write: ``pixel`` (Eq. 7), ``instance`` (Eq. 8–10) or ``mixed`` (Eq. 11)."""
+    gamma: float = 0.8
+    """Reliability threshold γ on the concept probability (Eq. 6) for the change labels."""
+    seg_gamma: float | None = None
+    """Reliability threshold for the single-date masks (§3.5); None: the same as ``gamma``."""
+    delta: float = 0.0
+    """Instance-level threshold δ: an instance whose IoU sum is <= δ is a change event (Eq. 10)."""
+    classes: tuple[str, ...] = ("house", "building", "road", "grass", "tree", "water")
+    """The VLM's prompt list, in the order of its ``.npy`` channels and JSON ``category_id``."""
+    foreground: tuple[str, ...] = ("house", "building")
+    """Classes of the foreground concept (§3.2.1)."""
+    background: tuple[str, ...] = ("road", "grass", "tree", "water")
+    """Classes of the background concept (§3.2.1)."""
+    connectivity: Literal[4, 8] = 8
+    """Pixel connectivity of the components that stand in for instances when a VLM gives none."""
+
+    @property
+    def single_date_gamma(self) -> float:
+        return self.gamma if self.seg_gamma is None else self.seg_gamma
+
+
+@dataclass
+class LossConfig:
+    """Loss terms and their weights (METHOD §6.3; Eq. 1, 3, 14, 15). The switches are Table 7."""
+
+    tau: float = 0.95
+    """Confidence threshold τ of the FixMatch pseudo labels (Eq. 3)."""
+    lambda_c: float = 0.1
+    """Weight λ_c of the contrastive consistency loss (Eq. 15)."""
+    lambda_vl: float = 0.1
+    """Initial weight λ_vl of the VLM guidance loss, falling linearly to 0 (§4.1.2)."""
+    margin: float = 2.0
+    """Margin ε of the batch-balanced contrastive loss (Eq. 14)."""
+    vl_guidance: bool = True
+    """CEG change labels supervise the change head (§3.3)."""
+    seg_guidance: bool = True
+    """CEG single-date masks supervise the segmentation decoder (§3.5)."""
+    contrastive: bool = True
+    """Contrastive consistency regularisation on the segmentation features (§3.6)."""
+
+
+@dataclass
+class OptimConfig:
+    """SGD with poly decay (§4.1.2)."""
+
+    lr: float = 0.02
+    """Learning rate of the encoder."""
+    decoder_lr_mult: float = 10.0
+    """Decoders and heads learn this many times faster than the encoder."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 1e-4
+    """SGD weight decay."""
+    poly_power: float = 0.9
+    """Exponent of the per-iteration poly decay."""
+
+
+@dataclass
+class TrainArgs:
+    """Train DiffMatch (or the FixMatch / supervised baselines) on a change-detection data set."""
+
+    data: DataConfig
+    """The data set."""
+    label_ratio: float = 0.05
+    """Share of the training pairs that keep their labels (picks ``5%/`` etc. in a split folder)."""
+    method: Method = "diffmatch"
+    """``supervised`` (L_s), ``fixmatch`` (L_s + L_u) or ``diffmatch`` (every term of §3)."""
+    epochs: int = 80
+    """Passes over the unlabelled set (the labelled set for ``supervised``)."""
+    batch_size: int = 8
+    """Pairs per batch, for the labelled and each unlabelled batch."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Weak and strong views."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Network."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss terms and ablation switches."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser."""
+    out_dir: Path = Path("runs/diffmatch")
+    """Run folder: config, ids, metrics.jsonl, last.pt, best.pt."""
+    resume: bool = False
+    """Continue the run in ``out_dir`` from its ``last.pt``."""
+    seed: int = 0
+    """Seed of the labelled draw, the augmentations and the initialisation."""
+    num_workers: int = 4
+    """DataLoader worker processes per loader."""
+    device: str | None = None
+    """``cpu``, ``cuda`` or ``cuda:N``; None: cuda when available."""
+    amp: bool = False
+    """bf16 autocast on CUDA."""
+    log_every: int = 20
+    """Print a console line every this many iterations."""
+    eval_every: int = 1
+    """Evaluate on the validation split every this many epochs."""
+    select_on: Literal["val", "test"] = "val"
+    """Split that picks ``best.pt``; ``test`` reproduces the authors' protocol."""
+    max_iters: int | None = None
+    """Stop after this many iterations in total (smoke tests and benchmarks); None: ``epochs``."""

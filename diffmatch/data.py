@@ -1,0 +1,289 @@
+"""The data set layout of METHOD §2: ids, splits, and the labelled, unlabelled and evaluation sets.
+
+```
+ROOT/A/<id>.png  ROOT/B/<id>.png  ROOT/label/<id>.png  ROOT/list/{train,val,test}.txt
+ROOT/pseudo/change/<id>.png  ROOT/pseudo/A/<id>.png  ROOT/pseudo/B/<id>.png    (python -m diffmatch.ceg)
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from diffmatch import augment
+from diffmatch.config import AugmentConfig, DataConfig
+from diffmatch.files import IMAGE_EXTS, InputError, read_label, read_mask, read_rgb
+
+IGNORE = augment.IGNORE
+
+
+# ----------------------------------------------------------------------------- ids and splits
+def read_id_list(path: Path) -> list[str]:
+    """Ids of a list file, one per line, with or without an image extension."""
+    if not path.is_file():
+        raise InputError(f"{path}: list file not found; check the path or the split folder")
+    ids = []
+    for line in path.read_text().splitlines():
+        name = line.strip()
+        if name:
+            ids.append(name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_EXTS else name)
+    if not ids:
+        raise InputError(f"{path}: the list is empty; it needs one id per line")
+    return ids
+
+
+def list_ids(root: Path, split: str) -> list[str]:
+    """Ids of ``split`` from ``root/list/<split>.txt``; without a ``list/`` folder, every image in
+    ``root/A`` (sorted)."""
+    if not root.is_dir():
+        raise InputError(f"{root}: data set root not found; pass --data.root with A/, B/ and label/")
+    if (root / "list").is_dir():
+        return read_id_list(root / "list" / f"{split}.txt")
+    folder = root / "A"
+    ids = sorted(p.stem for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+    if not ids:
+        raise InputError(f"{folder}: no images found; a data set root holds A/, B/ and label/")
+    return ids
+
+
+def percent_name(label_ratio: float) -> str:
+    """The split-folder name of a label ratio: 0.05 -> ``5%``."""
+    return f"{label_ratio * 100:g}%"
+
+
+class SemiSplit(NamedTuple):
+    """Training ids: the labelled subset and the unlabelled rest."""
+
+    labeled: list[str]
+    unlabeled: list[str]
+
+
+def semi_split(data: DataConfig, label_ratio: float, seed: int) -> SemiSplit:
+    """Labelled and unlabelled training ids: from the split folder when given, else a seeded draw of
+    ``label_ratio`` of the training ids (the same ids for the same seed)."""
+    if not 0 < label_ratio <= 1:
+        raise InputError(f"--label-ratio {label_ratio}: must be in (0, 1], e.g. 0.05 for 5 %")
+    if data.split_dir is not None:
+        folder = data.split_dir / percent_name(label_ratio)
+        if not folder.is_dir():
+            have = sorted(p.name for p in data.split_dir.glob("*%")) if data.split_dir.is_dir() else []
+            raise InputError(f"{folder}: split folder not found (have: {', '.join(have) or 'none'}); "
+                             "check --data.split-dir and --label-ratio")
+        labeled = read_id_list(folder / "labeled.txt")
+        unlabeled_file = folder / "unlabeled.txt"
+        unlabeled = read_id_list(unlabeled_file) if unlabeled_file.exists() else []
+    else:
+        train = list_ids(data.root, "train")
+        count = max(1, round(label_ratio * len(train)))
+        order = np.random.default_rng(seed).permutation(len(train))
+        chosen = set(order[:count].tolist())
+        labeled = [train[i] for i in sorted(chosen)]
+        unlabeled = [train[i] for i in range(len(train)) if i not in chosen]
+    if data.unlabeled_root is not None:
+        unlabeled = list_ids(data.unlabeled_root, "train")
+    return SemiSplit(labeled, unlabeled)
+
+
+# ----------------------------------------------------------------------------- files of one pair
+def image_path(root: Path, folder: str, sample_id: str) -> Path:
+    """``root/folder/<id>.png``, or the same name with another image extension when that exists."""
+    path = root / folder / f"{sample_id}.png"
+    if not path.exists():
+        for ext in IMAGE_EXTS:
+            if (alt := path.with_suffix(ext)).exists():
+                return alt
+    return path
+
+
+def require_files(root: Path, ids: list[str], folders: tuple[str, ...], hint: str) -> None:
+    """Fail early, naming the first missing file, when any id lacks a file in ``folders``."""
+    if not ids:
+        raise InputError(f"{root}: the split has no ids; check the list files")
+    for folder in folders:
+        if not (root / folder).is_dir():
+            raise InputError(f"{root / folder}: folder not found; {hint}")
+        for sample_id in ids:
+            if not (path := image_path(root, folder, sample_id)).exists():
+                raise InputError(f"{path}: file not found; {hint}")
+
+
+def read_pair(root: Path, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """The RGB pre- and post-event images of one id; they must have the same size."""
+    a, b = read_rgb(image_path(root, "A", sample_id)), read_rgb(image_path(root, "B", sample_id))
+    if a.shape != b.shape:
+        raise InputError(f"{image_path(root, 'B', sample_id)}: size {b.shape[1]}x{b.shape[0]} differs from "
+                         f"A's {a.shape[1]}x{a.shape[0]}; the two dates must be co-registered")
+    return a, b
+
+
+def read_sized(path: Path, shape: tuple[int, ...], reader=read_mask) -> np.ndarray:
+    """A mask read by ``reader`` that must match the image size ``shape``."""
+    mask = reader(path)
+    if mask.shape != shape[:2]:
+        raise InputError(f"{path}: size {mask.shape[1]}x{mask.shape[0]} differs from the image's "
+                         f"{shape[1]}x{shape[0]}")
+    return mask
+
+
+def pseudo_hint(root: Path, pseudo_dir: str) -> str:
+    return f"run `python -m diffmatch.ceg --root {root} --out-name {pseudo_dir}` first"
+
+
+def read_pseudo(root: Path, pseudo_dir: str, sample_id: str, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """CEG change labels and single-date masks of one id (values 0, 1, 255)."""
+    masks = []
+    for folder in ("change", "A", "B"):
+        path = image_path(root / pseudo_dir, folder, sample_id)
+        if not path.exists():
+            raise InputError(f"{path}: pseudo label not found; {pseudo_hint(root, pseudo_dir)}")
+        masks.append(read_sized(path, shape))
+    return masks
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one sample: the same in any worker process."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+# ----------------------------------------------------------------------------- datasets
+class LabeledSample(NamedTuple):
+    """Weak view of a labelled pair. ``pseudo``, ``seg_a``, ``seg_b`` are the CEG labels (all 255
+    when not loaded)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    label: torch.Tensor
+    pseudo: torch.Tensor
+    seg_a: torch.Tensor
+    seg_b: torch.Tensor
+
+
+class UnlabeledSample(NamedTuple):
+    """Weak and strong views of an unlabelled pair, its padding mask (255 = padding), CEG labels
+    (all 255 when not loaded) and the CutMix box of the strong view."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    a_strong: torch.Tensor
+    b_strong: torch.Tensor
+    ignore: torch.Tensor
+    pseudo: torch.Tensor
+    seg_a: torch.Tensor
+    seg_b: torch.Tensor
+    box: torch.Tensor
+
+
+class EvalSample(NamedTuple):
+    """A whole pair at full size with its label, for evaluation."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    label: torch.Tensor
+    id: str
+
+
+class _PairSet(Dataset):
+    """Shared part of the training sets: ids, pseudo labels, per-sample random streams."""
+
+    def __init__(self, root: Path, ids: list[str], *, crop_size: int, augment_cfg: AugmentConfig,
+                 pseudo_dir: str | None, seed: int, need_label: bool) -> None:
+        folders = ("A", "B", "label") if need_label else ("A", "B")
+        require_files(root, ids, folders, "check the data set root and its list files")
+        if pseudo_dir is not None:
+            require_files(root / pseudo_dir, ids, ("change", "A", "B"), pseudo_hint(root, pseudo_dir))
+        self.root, self.ids, self.crop_size, self.cfg = root, ids, crop_size, augment_cfg
+        self.pseudo_dir, self.seed, self.epoch = pseudo_dir, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new augmentations for a new epoch (call before iterating a DataLoader)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _load(self, index: int, with_label: bool) -> tuple[Image.Image, Image.Image, list[Image.Image]]:
+        sample_id = self.ids[index]
+        a, b = read_pair(self.root, sample_id)
+        masks = [read_sized(image_path(self.root, "label", sample_id), a.shape, read_label)] if with_label else []
+        if self.pseudo_dir is not None:
+            masks += read_pseudo(self.root, self.pseudo_dir, sample_id, a.shape)
+        else:
+            masks += [np.full(a.shape[:2], IGNORE, np.uint8)] * 3
+        return Image.fromarray(a), Image.fromarray(b), [Image.fromarray(m) for m in masks]
+
+
+class LabeledSet(_PairSet):
+    """Labelled training pairs (weak view), with CEG labels when ``pseudo_dir`` is given."""
+
+    def __init__(self, root: Path, ids: list[str], *, crop_size: int, augment_cfg: AugmentConfig,
+                 pseudo_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(root, ids, crop_size=crop_size, augment_cfg=augment_cfg, pseudo_dir=pseudo_dir,
+                         seed=seed, need_label=True)
+
+    def __getitem__(self, index: int) -> LabeledSample:
+        rng = sample_rng(self.seed, self.epoch, index)
+        a, b, masks = self._load(index, with_label=True)
+        a, b, masks = augment.weak_view(a, b, masks, self.cfg, self.crop_size, rng)
+        return LabeledSample(augment.image_to_tensor(a), augment.image_to_tensor(b),
+                             *(augment.mask_to_tensor(m) for m in masks))
+
+
+class UnlabeledSet(_PairSet):
+    """Unlabelled training pairs: weak view, strong view (jitter and blur drawn per date) and CutMix
+    box, with CEG labels when ``pseudo_dir`` is given."""
+
+    def __init__(self, root: Path, ids: list[str], *, crop_size: int, augment_cfg: AugmentConfig,
+                 pseudo_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(root, ids, crop_size=crop_size, augment_cfg=augment_cfg, pseudo_dir=pseudo_dir,
+                         seed=seed, need_label=False)
+
+    def __getitem__(self, index: int) -> UnlabeledSample:
+        rng = sample_rng(self.seed, self.epoch, index)
+        a, b, masks = self._load(index, with_label=False)
+        padding = Image.new("L", a.size, 0)
+        a, b, (padding, *masks) = augment.weak_view(a, b, [padding, *masks], self.cfg, self.crop_size, rng)
+        a_strong, b_strong = augment.strong_view(a, self.cfg, rng), augment.strong_view(b, self.cfg, rng)
+        box = augment.cutmix_box(self.crop_size, self.cfg, rng)
+        to_image = augment.image_to_tensor
+        return UnlabeledSample(to_image(a), to_image(b), to_image(a_strong), to_image(b_strong),
+                               augment.mask_to_tensor(padding), *(augment.mask_to_tensor(m) for m in masks),
+                               torch.from_numpy(box))
+
+
+class EvalSet(Dataset):
+    """Whole pairs with labels, unaugmented, for validation and testing."""
+
+    def __init__(self, root: Path, ids: list[str]) -> None:
+        require_files(root, ids, ("A", "B", "label"), "check the data set root and its list files")
+        self.root, self.ids = root, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> EvalSample:
+        sample_id = self.ids[index]
+        a, b = read_pair(self.root, sample_id)
+        label = read_sized(image_path(self.root, "label", sample_id), a.shape, read_label)
+        return EvalSample(augment.image_to_tensor(Image.fromarray(a)), augment.image_to_tensor(Image.fromarray(b)),
+                          augment.mask_to_tensor(label), sample_id)
+
+
+def repeat_to(ids: list[str], length: int) -> list[str]:
+    """``ids`` repeated (whole copies, then a prefix) to exactly ``length`` entries."""
+    if not ids:
+        return []
+    copies = -(-length // len(ids))
+    return (ids * copies)[:length]
+
+
+def eval_set(data: DataConfig, split: str) -> EvalSet:
+    """The evaluation set of ``split``, from the split folder's list when it has one."""
+    if data.split_dir is not None and (data.split_dir / f"{split}.txt").exists():
+        return EvalSet(data.root, read_id_list(data.split_dir / f"{split}.txt"))
+    return EvalSet(data.root, list_ids(data.root, split))

@@ -1,0 +1,112 @@
+"""Reading images and masks, writing files atomically, and the error users see on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTS = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+
+
+class InputError(Exception):
+    """Bad user input (a file, a folder or a value): one line naming it and the fix. CLIs exit 2."""
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a CLI's main; an ``InputError`` becomes one line on stderr and exit code 2."""
+    try:
+        main()
+    except InputError as err:
+        # An error raised in a DataLoader worker arrives with the worker's traceback: keep its last line.
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else "bad input"
+        print(f"error: {message.removeprefix(f'{InputError.__module__}.InputError: ')}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        image = Image.open(path)
+        image.load()
+    except Exception as err:  # PIL raises many types for broken files
+        raise InputError(f"{path}: cannot read image ({err}); re-export it as PNG") from None
+    return image
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An image as uint8 (H, W, 3); grey, palette, RGBA and 16-bit images are converted."""
+    image = _open(path)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = max(float(array.max()), 1.0)
+        image = Image.fromarray((array * (255.0 / top)).astype(np.uint8))
+    return np.asarray(image.convert("RGB"))
+
+
+def read_label(path: Path) -> np.ndarray:
+    """A change mask as uint8 (H, W) in {0, 1}; accepts {0, 255} or {0, 1}, grey, RGB(A) or palette."""
+    image = _open(path)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    array = np.asarray(image)
+    if array.ndim == 3:
+        channels = array[..., :3] if array.shape[2] >= 3 else array[..., :1]
+        if image.mode in ("LA", "RGBA") and array.shape[2] in (2, 4):
+            channels = np.where(array[..., -1:] == 0, 0, channels)  # transparent = no change
+        if not (channels == channels[..., :1]).all():
+            raise InputError(f"{path}: label has differing colour channels; save it as a grey 0/255 PNG")
+        array = channels[..., 0]
+    values = np.unique(array)
+    if np.isin(values, (0, 1)).all():
+        return array.astype(np.uint8)
+    if np.isin(values, (0, 255)).all():
+        return (array == 255).astype(np.uint8)
+    shown = ", ".join(str(v) for v in values[:8])
+    raise InputError(f"{path}: label values {{{shown}}} are not {{0, 255}} or {{0, 1}}; binarise it")
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A pseudo-label mask as uint8 (H, W) with values kept as stored (0, 1, 255)."""
+    array = np.asarray(_open(path))
+    if array.ndim != 2:
+        raise InputError(f"{path}: expected a single-channel mask; regenerate it")
+    return array.astype(np.uint8)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(tmp, format="PNG")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,56 @@
+"""Change-detection metrics from one confusion matrix over a whole split (METHOD §7; Eq. 16–17)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """Pixel counts of the change class; add two to pool them."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def __add__(self, other: Confusion) -> Confusion:
+        return Confusion(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
+
+
+def confusion(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor,
+              valid: np.ndarray | torch.Tensor | None = None) -> Confusion:
+    """Counts of binary ``pred`` against binary ``target``; pixels outside ``valid`` (or where
+    ``target`` is 255) are left out."""
+    pred_t = torch.as_tensor(pred).bool()
+    target_t = torch.as_tensor(target)
+    keep = target_t != 255
+    if valid is not None:
+        keep &= torch.as_tensor(valid).bool()
+    truth = target_t.bool() & keep
+    pred_t = pred_t & keep
+    tp = int((pred_t & truth).sum())
+    fp = int(pred_t.sum()) - tp
+    fn = int(truth.sum()) - tp
+    tn = int(keep.sum()) - tp - fp - fn
+    return Confusion(tp, fp, fn, tn)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else 0.0
+
+
+def scores(c: Confusion) -> dict[str, float]:
+    """IoU^c (Eq. 16), F1^c (Eq. 17), precision, recall and overall accuracy, in percent, plus the
+    raw counts."""
+    return {
+        "iou": 100 * _ratio(c.tp, c.tp + c.fp + c.fn),
+        "f1": 100 * _ratio(2 * c.tp, 2 * c.tp + c.fp + c.fn),
+        "precision": 100 * _ratio(c.tp, c.tp + c.fp),
+        "recall": 100 * _ratio(c.tp, c.tp + c.fn),
+        "accuracy": 100 * _ratio(c.tp + c.tn, c.tp + c.fp + c.fn + c.tn),
+        **{k: float(v) for k, v in asdict(c).items()},
+    }

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def write_pair(root: Path, sample_id: str, size: tuple[int, int] = (32, 32), label: np.ndarray | None = None,
+               seed: int = 0) -> None:
+    """A random RGB pair and a 0/255 label in the METHOD §2 layout."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for folder in ("A", "B"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / folder / f"{sample_id}.png")
+    (root / "label").mkdir(parents=True, exist_ok=True)
+    if label is None:
+        label = np.zeros((h, w), np.uint8)
+        label[h // 4 : h // 2, w // 4 : w // 2] = 255
+    Image.fromarray(label).save(root / "label" / f"{sample_id}.png")
+
+
+@pytest.fixture
+def tiny_root(tmp_path: Path) -> Path:
+    """Ten 32x32 pairs with list files (train 6, val 2, test 2)."""
+    root = tmp_path / "data"
+    ids = [f"p{i}" for i in range(10)]
+    for i, sample_id in enumerate(ids):
+        write_pair(root, sample_id, seed=i)
+    (root / "list").mkdir()
+    (root / "list" / "train.txt").write_text("\n".join(ids[:6]) + "\n")
+    (root / "list" / "val.txt").write_text("\n".join(f"{i}.png" for i in ids[6:8]) + "\n")
+    (root / "list" / "test.txt").write_text("\n".join(ids[8:]) + "\n")
+    return root

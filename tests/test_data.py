@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED, write_pair
+from PIL import Image
+
+from diffmatch.config import AugmentConfig, DataConfig
+from diffmatch.data import (
+    EvalSet,
+    LabeledSet,
+    UnlabeledSet,
+    eval_set,
+    list_ids,
+    percent_name,
+    read_id_list,
+    repeat_to,
+    semi_split,
+)
+from diffmatch.files import InputError, read_label, read_rgb
+
+LEVIR = SHARED / "data" / "levir-samples"
+SPLITS = SHARED / "splits"
+
+
+def test_official_levir_split_at_5_percent() -> None:
+    split = semi_split(DataConfig(root=LEVIR, split_dir=SPLITS / "levir"), 0.05, seed=0)
+    assert len(split.labeled) == 356 and len(split.unlabeled) == 6764
+    assert not set(split.labeled) & set(split.unlabeled)
+    assert all(not i.endswith(".png") for i in split.labeled)
+    assert len(read_id_list(SPLITS / "whu" / "train.txt")) == 5947
+
+
+def test_percent_names() -> None:
+    assert [percent_name(r) for r in (0.05, 0.1, 0.2, 0.4, 0.025, 1.0)] == ["5%", "10%", "20%", "40%", "2.5%", "100%"]
+
+
+def test_seeded_draw_is_deterministic_and_disjoint(tiny_root: Path) -> None:
+    data = DataConfig(root=tiny_root)
+    first, again, other = (semi_split(data, 0.5, seed) for seed in (1, 1, 2))
+    assert first == again
+    assert len(first.labeled) == 3 and len(first.unlabeled) == 3
+    assert sorted(first.labeled + first.unlabeled) == sorted(list_ids(tiny_root, "train"))
+    assert not set(first.labeled) & set(first.unlabeled)
+    assert first != other or semi_split(data, 0.5, 3) != first
+    assert semi_split(data, 1.0, 0).unlabeled == []
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+def test_bad_ratio(tiny_root: Path, ratio: float) -> None:
+    with pytest.raises(InputError, match="label-ratio"):
+        semi_split(DataConfig(root=tiny_root), ratio, 0)
+
+
+def test_split_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="split folder not found.*5%"):
+        semi_split(DataConfig(root=LEVIR, split_dir=SPLITS / "levir"), 0.07, 0)
+    (tmp_path / "5%").mkdir()
+    (tmp_path / "5%" / "labeled.txt").write_text("\n\n")
+    with pytest.raises(InputError, match="labeled.txt: the list is empty"):
+        semi_split(DataConfig(root=LEVIR, split_dir=tmp_path), 0.05, 0)
+
+
+def test_cross_dataset_unlabeled_root(tiny_root: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    for i in range(4):
+        write_pair(other, f"o{i}", seed=i)
+    split = semi_split(DataConfig(root=tiny_root, unlabeled_root=other), 0.5, 0)
+    assert split.unlabeled == ["o0", "o1", "o2", "o3"] and len(split.labeled) == 3
+
+
+def test_real_levir_samples_load() -> None:
+    ids = list_ids(LEVIR, "test")  # no list/ folder: every image in A/
+    assert len(ids) == 12
+    labeled = [i for i in ids if (LEVIR / "label" / f"{i}.png").exists()]
+    assert len(labeled) == 11
+    samples = EvalSet(LEVIR, labeled)
+    for sample in samples:
+        assert sample.a.shape == (3, 256, 256) and sample.label.shape == (256, 256)
+        assert set(sample.label.unique().tolist()) <= {0, 1}
+    assert sum(int(s.label.sum()) for s in samples) > 0
+    # The odd RGBA pair has no label and dates one row apart (768x384 vs 768x383): both reported clearly.
+    with pytest.raises(InputError, match="label/test_113_0256.png: file not found"):
+        EvalSet(LEVIR, ids)
+    assert read_rgb(LEVIR / "A" / "test_113_0256.png").shape == (384, 768, 3)
+    odd = UnlabeledSet(LEVIR, ["test_113_0256"], crop_size=256, augment_cfg=AugmentConfig())
+    with pytest.raises(InputError, match=r"B/test_113_0256.png: size 768x383 differs from A's 768x384"):
+        odd[0]
+
+
+def test_label_formats(tmp_path: Path) -> None:
+    target = np.array([[0, 1], [1, 0]], np.uint8)
+    cases = {
+        "binary": target,
+        "bytes": target * 255,
+        "rgb": np.repeat((target * 255)[..., None], 3, axis=2),
+        "rgba": np.dstack([np.repeat((target * 255)[..., None], 3, axis=2), np.full((2, 2), 255, np.uint8)]),
+    }
+    for name, array in cases.items():
+        Image.fromarray(array).save(tmp_path / f"{name}.png")
+        np.testing.assert_array_equal(read_label(tmp_path / f"{name}.png"), target, err_msg=name)
+    palette = Image.fromarray(target, mode="P")
+    palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    palette.save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(read_label(tmp_path / "palette.png"), target)
+    Image.fromarray(np.array([[0, 128]], np.uint8)).save(tmp_path / "grey.png")
+    with pytest.raises(InputError, match=r"grey.png: label values \{0, 128\}"):
+        read_label(tmp_path / "grey.png")
+    Image.fromarray(np.array([[[255, 0, 0]]], np.uint8)).save(tmp_path / "red.png")
+    with pytest.raises(InputError, match="red.png: label has differing colour channels"):
+        read_label(tmp_path / "red.png")
+
+
+def test_grey_and_palette_images_become_rgb(tmp_path: Path) -> None:
+    Image.fromarray(np.full((4, 5), 7, np.uint8)).save(tmp_path / "grey.png")
+    Image.fromarray(np.zeros((4, 5), np.uint8), mode="P").save(tmp_path / "pal.png")
+    for name in ("grey", "pal"):
+        assert read_rgb(tmp_path / f"{name}.png").shape == (4, 5, 3)
+
+
+def test_bad_inputs_name_the_file(tiny_root: Path) -> None:
+    write_pair(tiny_root, "odd", size=(32, 32))
+    Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(tiny_root / "B" / "odd.png")
+    with pytest.raises(InputError, match=r"B/odd.png: size 32x16 differs from A's 32x32"):
+        EvalSet(tiny_root, ["odd"])[0]
+    write_pair(tiny_root, "small_label")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tiny_root / "label" / "small_label.png")
+    with pytest.raises(InputError, match=r"label/small_label.png: size 8x8 differs"):
+        EvalSet(tiny_root, ["small_label"])[0]
+    (tiny_root / "A" / "broken.png").write_bytes(b"not a png")
+    shutil.copy(tiny_root / "B" / "p0.png", tiny_root / "B" / "broken.png")
+    shutil.copy(tiny_root / "label" / "p0.png", tiny_root / "label" / "broken.png")
+    with pytest.raises(InputError, match=r"A/broken.png: cannot read image"):
+        EvalSet(tiny_root, ["broken"])[0]
+    with pytest.raises(InputError, match=r"A/missing.png: file not found"):
+        EvalSet(tiny_root, ["missing"])
+    with pytest.raises(InputError, match="the split has no ids"):
+        EvalSet(tiny_root, [])
+    with pytest.raises(InputError, match="data set root not found"):
+        list_ids(tiny_root / "nope", "train")
+    with pytest.raises(InputError, match=r"list/nosuch.txt: list file not found"):
+        list_ids(tiny_root, "nosuch")
+
+
+def test_missing_pseudo_labels_point_at_ceg(tiny_root: Path) -> None:
+    with pytest.raises(InputError, match=r"python -m diffmatch.ceg --root .* --out-name pseudo"):
+        UnlabeledSet(tiny_root, ["p0"], crop_size=32, augment_cfg=AugmentConfig(), pseudo_dir="pseudo")
+
+
+def write_pseudo(root: Path, ids: list[str]) -> None:
+    for sample_id in ids:
+        for folder, value in (("change", 1), ("A", 0), ("B", 255)):
+            (root / "pseudo" / folder).mkdir(parents=True, exist_ok=True)
+            mask = np.zeros((32, 32), np.uint8)
+            mask[:, 16:] = value
+            Image.fromarray(mask).save(root / "pseudo" / folder / f"{sample_id}.png")
+
+
+def test_datasets_return_named_samples_with_pseudo_labels(tiny_root: Path) -> None:
+    ids = list_ids(tiny_root, "train")
+    write_pseudo(tiny_root, ids)
+    cfg = AugmentConfig(scale=(1.0, 1.0), hflip_prob=0.0)
+    labeled = LabeledSet(tiny_root, ids, crop_size=32, augment_cfg=cfg, pseudo_dir="pseudo")[0]
+    assert labeled._fields == ("a", "b", "label", "pseudo", "seg_a", "seg_b")
+    assert labeled.a.dtype == torch.float32 and labeled.label.dtype == torch.int64
+    assert set(labeled.pseudo.unique().tolist()) == {0, 1} and set(labeled.seg_b.unique().tolist()) == {0, 255}
+    unlabeled = UnlabeledSet(tiny_root, ids, crop_size=48, augment_cfg=cfg, pseudo_dir="pseudo")[0]
+    # 32x32 padded to 48x48: padding is 255 in every mask and 0 in the (normalised) images.
+    assert (unlabeled.ignore[32:, :] == 255).all() and (unlabeled.ignore[:32, :32] == 0).all()
+    assert (unlabeled.pseudo[32:, :] == 255).all() and (unlabeled.pseudo[:32, 16:32] == 1).all()
+    assert unlabeled.box.shape == (48, 48)
+    plain = LabeledSet(tiny_root, ids, crop_size=32, augment_cfg=cfg)[0]
+    assert (plain.pseudo == 255).all()
+
+
+def test_repeat_and_eval_set(tiny_root: Path) -> None:
+    assert repeat_to(["a", "b"], 5) == ["a", "b", "a", "b", "a"]
+    assert repeat_to([], 3) == []
+    assert eval_set(DataConfig(root=tiny_root), "val").ids == ["p6", "p7"]
+
+
+def test_augmentation_is_reproducible_across_workers(tiny_root: Path) -> None:
+    ids = list_ids(tiny_root, "train")
+    dataset = UnlabeledSet(tiny_root, ids, crop_size=24, augment_cfg=AugmentConfig(), seed=3)
+    direct = [dataset[i].a_strong for i in range(len(ids))]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
+    batched = torch.cat([batch.a_strong for batch in loader])
+    assert torch.equal(torch.stack(direct), batched)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0].a_strong, direct[0])
