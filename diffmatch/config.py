@@ -7,13 +7,16 @@ the sub-config they need (``DataConfig``, ``ModelConfig``, ...) or plain argumen
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 Method = Literal["supervised", "fixmatch", "diffmatch"]
 CEGMode = Literal["pixel", "instance", "mixed"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -183,3 +186,41 @@ class TrainArgs:
     """Split that picks ``best.pt``; ``test`` reproduces the authors' protocol."""
     max_iters: int | None = None
     """Stop after this many iterations in total (smoke tests and benchmarks); None: ``epochs``."""
+
+    @property
+    def model_for_inference(self) -> ModelConfig:
+        """The model config without initial weights (a checkpoint supplies them)."""
+        return dataclasses.replace(self.model, weights="none")
+
+
+def to_dict(config: object) -> dict:
+    """A config as plain JSON-ready values (paths as strings, tuples as lists)."""
+
+    def plain(value: object) -> object:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)  # type: ignore[return-value]
+
+
+def from_dict(cls: type[T], values: dict) -> T:
+    """Rebuild a (nested) config dataclass from ``to_dict``'s output."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in values:
+            continue
+        value, hint = values[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value)  # type: ignore[arg-type]
+        elif value is not None and (hint is Path or Path in typing.get_args(hint)):
+            value = Path(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
