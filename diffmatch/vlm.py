@@ -1,0 +1,223 @@
+"""Reading single-date VLM outputs, the inputs of change event generation (METHOD §3; §3.2.1).
+
+Per image and date, ``ROOT/vlm/<date>/`` may hold any mix of:
+
+- ``<id>.npy``: float (C, H, W) per-class probabilities in prompt order (any float dtype);
+- ``<id>.json`` or ``<id>.png.json`` (APE's demo): COCO result records whose ``category_id`` indexes
+  the prompt list and whose ``segmentation`` is COCO RLE (compressed string or list counts);
+- ``<id>.png``: a class-index map (values index the prompt list, 255 = unknown).
+
+Probabilities come from the ``.npy``, else the ``.png`` (one-hot, 0 where unknown), else the JSON
+(per class, the max score of that class's instances covering the pixel). Foreground instances come
+from the JSON (only foreground-class records), or are the connected components of the foreground
+mask ``fg >= bg`` (Eq. 4–5) when there is no JSON or when components are asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from diffmatch.config import CEGConfig
+from diffmatch.files import InputError
+from diffmatch.rle import decode_mask
+
+InstanceSource = Literal["auto", "json", "components"]
+VLM_SUFFIXES = (".npy", ".png.json", ".json", ".png")
+
+
+class Concepts(NamedTuple):
+    """Channel indices of the foreground and background classes in the prompt list (§3.2.1)."""
+
+    foreground: np.ndarray
+    background: np.ndarray
+
+
+class VLMOutput(NamedTuple):
+    """One date's VLM output: what change event generation needs."""
+
+    probs: np.ndarray
+    """(C, H, W) float32 per-class probabilities, in prompt order."""
+    instances: np.ndarray
+    """(K, H, W) bool foreground instance masks."""
+    instance_classes: np.ndarray
+    """(K,) int64 prompt index of each instance (-1 for connected components)."""
+
+
+class VLMFiles(NamedTuple):
+    """The VLM files found for one id and date; None where absent."""
+
+    npy: Path | None
+    json: Path | None
+    png: Path | None
+
+
+def concepts(cfg: CEGConfig) -> Concepts:
+    """Prompt indices of ``cfg.foreground`` and ``cfg.background``; errors on unknown names."""
+    index = {name: i for i, name in enumerate(cfg.classes)}
+    for name in (*cfg.foreground, *cfg.background):
+        if name not in index:
+            raise InputError(f"class {name!r} is not in --classes {list(cfg.classes)}; add it or fix the name")
+    if not cfg.foreground or not cfg.background:
+        raise InputError("--foreground and --background each need at least one class")
+    return Concepts(np.array([index[n] for n in cfg.foreground]), np.array([index[n] for n in cfg.background]))
+
+
+def vlm_id(name: str) -> str | None:
+    """The image id of a VLM file name, or None if the name is not a VLM output."""
+    for suffix in VLM_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def list_ids(folder: Path) -> set[str]:
+    """Ids with at least one VLM file in ``folder`` (an empty set if it does not exist)."""
+    if not folder.is_dir():
+        return set()
+    return {i for i in (vlm_id(p.name) for p in folder.iterdir() if not p.name.startswith(".")) if i}
+
+
+def find_files(folder: Path, image_id: str) -> VLMFiles:
+    """The VLM files of ``image_id`` in ``folder``; ``<id>.png.json`` is preferred over ``<id>.json``."""
+
+    def existing(*names: str) -> Path | None:
+        return next((folder / n for n in names if (folder / n).is_file()), None)
+
+    return VLMFiles(existing(f"{image_id}.npy"), existing(f"{image_id}.png.json", f"{image_id}.json"),
+                    existing(f"{image_id}.png"))
+
+
+def read_probs(path: Path, num_classes: int) -> np.ndarray:
+    """(C, H, W) float32 probabilities from a ``.npy``; errors on a wrong shape or non-finite values."""
+    try:
+        probs = np.load(path, allow_pickle=False)
+    except Exception as err:  # numpy raises several types for broken files
+        raise InputError(f"{path}: cannot read .npy ({err}); re-save it with numpy.save") from None
+    if probs.ndim != 3 or probs.shape[0] != num_classes or not np.issubdtype(probs.dtype, np.floating):
+        raise InputError(f"{path}: expected float (C={num_classes}, H, W) probabilities in --classes order, "
+                         f"got {probs.dtype} {probs.shape}; fix --classes or re-export the VLM output")
+    probs = probs.astype(np.float32, copy=False)
+    if not np.isfinite(probs).all():
+        raise InputError(f"{path}: probabilities contain NaN or inf; re-export the VLM output")
+    return probs
+
+
+def read_class_map(path: Path, num_classes: int) -> np.ndarray:
+    """(C, H, W) float32 one-hot probabilities of a class-index ``.png`` (255 = unknown: all 0)."""
+    try:
+        labels = np.asarray(Image.open(path))
+    except Exception as err:  # PIL raises many types for broken files
+        raise InputError(f"{path}: cannot read class map ({err}); re-export it as PNG") from None
+    if labels.ndim != 2:
+        raise InputError(f"{path}: a class map must be single-channel; save class indices as a grey PNG")
+    bad = (labels >= num_classes) & (labels != 255)
+    if bad.any():
+        raise InputError(f"{path}: class index {int(labels[bad][0])} is outside --classes "
+                         f"(0..{num_classes - 1}, 255 = unknown); fix --classes or the map")
+    return (labels[None] == np.arange(num_classes)[:, None, None]).astype(np.float32)
+
+
+class JSONInstances(NamedTuple):
+    masks: np.ndarray  # (K, H, W) bool
+    classes: np.ndarray  # (K,) int64
+    scores: np.ndarray  # (K,) float32
+
+
+def read_instances(path: Path, num_classes: int, size: tuple[int, int] | None,
+                   keep: np.ndarray | None = None) -> JSONInstances:
+    """The instances of a COCO result list (only those of the classes ``keep``, when given; every
+    record is checked); ``size`` (H, W), when given, must match every record."""
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot read JSON ({err}); re-export the VLM output") from None
+    if not isinstance(records, list):
+        raise InputError(f"{path}: expected a list of COCO result records; re-export the VLM output")
+    masks, classes, scores = [], [], []
+    for i, rec in enumerate(records):
+        where = f"{path}: record {i}"
+        try:
+            k, seg = int(rec["category_id"]), rec["segmentation"]
+            height, width = (int(v) for v in seg["size"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{where} lacks category_id or segmentation.size; re-export with COCO "
+                             "results") from None
+        if not 0 <= k < num_classes:
+            raise InputError(f"{where}: category_id {k} is outside --classes (0..{num_classes - 1}); "
+                             "fix --classes to the prompt list the VLM was given")
+        if size is not None and (height, width) != size:
+            raise InputError(f"{where}: mask size {height}x{width} differs from the image's "
+                             f"{size[0]}x{size[1]}; run the VLM on the original image")
+        size = (height, width)
+        if keep is not None and k not in keep:
+            continue
+        try:
+            masks.append(decode_mask(seg))
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{where}: bad RLE ({err}); re-export the VLM output") from None
+        classes.append(k)
+        scores.append(float(rec.get("score", 1.0)))
+    stacked = np.empty((len(masks), *size) if size is not None else (0, 0, 0), dtype=bool)
+    for i, mask in enumerate(masks):
+        stacked[i] = mask  # row-major copies of the column-major RLE masks: fast flattening later
+    return JSONInstances(stacked, np.array(classes, dtype=np.int64), np.array(scores, dtype=np.float32))
+
+
+def probs_from_instances(inst: JSONInstances, num_classes: int, size: tuple[int, int]) -> np.ndarray:
+    """(C, H, W) probabilities: per class, the max score of its instances covering the pixel (METHOD §3)."""
+    probs = np.zeros((num_classes, *size), dtype=np.float32)
+    for mask, k, score in zip(inst.masks, inst.classes, inst.scores, strict=True):
+        np.maximum(probs[k], mask * score, out=probs[k])
+    return probs
+
+
+def components(mask: np.ndarray, connectivity: int) -> np.ndarray:
+    """(K, H, W) bool connected components of a bool (H, W) mask (4- or 8-connectivity)."""
+    structure = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
+    labels, count = ndimage.label(mask, structure=structure)
+    return labels[None] == np.arange(1, count + 1)[:, None, None]
+
+
+def read_vlm(folder: Path, image_id: str, cfg: CEGConfig, instances: InstanceSource = "auto",
+             size: tuple[int, int] | None = None) -> VLMOutput:
+    """One date's VLM output for ``image_id``; ``size`` (H, W), when given, is checked against it."""
+    files = find_files(folder, image_id)
+    if files == VLMFiles(None, None, None):
+        raise InputError(f"{folder / image_id}.npy|.json|.png: no VLM output for {image_id!r} on this "
+                         "date; run the VLM on this image or remove the id")
+    if instances == "json" and files.json is None:
+        raise InputError(f"{folder / image_id}.json: not found and --instances json asks for it; run an "
+                         "instance VLM (APE) or use --instances components")
+    num_classes = len(cfg.classes)
+    if files.npy is not None:
+        probs, source = read_probs(files.npy, num_classes), files.npy
+    elif files.png is not None:
+        probs, source = read_class_map(files.png, num_classes), files.png
+    else:
+        probs, source = None, files.json
+    if probs is not None and size is not None and probs.shape[1:] != size:
+        raise InputError(f"{source}: size {probs.shape[1]}x{probs.shape[2]} differs from the expected "
+                         f"{size[0]}x{size[1]}; run the VLM on the original image")
+    size = size if probs is None else probs.shape[1:]
+    use_json = files.json is not None and instances != "components"
+    fg_idx, bg_idx = concepts(cfg)
+    inst = None
+    if probs is None:
+        inst = read_instances(files.json, num_classes, size)
+        if size is None and len(inst.masks) == 0:
+            raise InputError(f"{files.json}: no records and no image size; add the .npy or the image")
+        probs = probs_from_instances(inst, num_classes, size or inst.masks.shape[1:])
+    elif use_json:
+        inst = read_instances(files.json, num_classes, size, keep=fg_idx)
+    if use_json:
+        keep = np.isin(inst.classes, fg_idx)  # only foreground instances take part (§3.2.3)
+        return VLMOutput(probs, inst.masks[keep], inst.classes[keep])
+    fg_mask = probs[fg_idx].max(0) >= probs[bg_idx].max(0)  # I_t, Eq. 4-5
+    masks = components(fg_mask, cfg.connectivity)
+    return VLMOutput(probs, masks, np.full(len(masks), -1, dtype=np.int64))

@@ -1,0 +1,206 @@
+"""VLM output readers (METHOD §3): the three file kinds, the fallbacks and every malformed input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffmatch.config import CEGConfig
+from diffmatch.files import InputError
+from diffmatch.rle import encode_mask, mask_to_counts
+from diffmatch.vlm import concepts, find_files, list_ids, read_vlm, vlm_id
+
+CFG = CEGConfig()  # house, building | road, grass, tree, water
+H, W = 4, 5
+
+
+def box(top: int, left: int, bottom: int, right: int) -> np.ndarray:
+    mask = np.zeros((H, W), bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+def record(k: int, mask: np.ndarray, score: float = 0.9, compressed: bool = True) -> dict:
+    seg = encode_mask(mask) if compressed else {"size": list(mask.shape), "counts": mask_to_counts(mask)}
+    return {"image_id": "x.png", "category_id": k, "score": score, "segmentation": seg, "bbox": [0, 0, 0, 0]}
+
+
+def write_json(path: Path, records: list[dict]) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_concepts_and_unknown_class() -> None:
+    fg, bg = concepts(CFG)
+    assert fg.tolist() == [0, 1] and bg.tolist() == [2, 3, 4, 5]
+    with pytest.raises(InputError, match="'roof' is not in --classes"):
+        concepts(CEGConfig(foreground=("roof",)))
+
+
+def test_ids_and_file_names(tmp_path: Path) -> None:
+    for name in ("a.npy", "b.png.json", "c.json", "d.png", "e.txt", ".a.npy.tmp"):
+        (tmp_path / name).write_text("")
+    assert list_ids(tmp_path) == {"a", "b", "c", "d"}
+    assert list_ids(tmp_path / "missing") == set()
+    assert vlm_id("scene_3.png.json") == "scene_3"
+    write_json(tmp_path / "b.json", [])
+    assert find_files(tmp_path, "b").json == tmp_path / "b.png.json"  # APE's own name wins
+
+
+def test_npy_float16_is_read_as_float32(tmp_path: Path) -> None:
+    probs = np.random.default_rng(0).random((6, H, W)).astype(np.float16)
+    np.save(tmp_path / "x.npy", probs)
+    out = read_vlm(tmp_path, "x", CFG)
+    assert out.probs.dtype == np.float32 and np.array_equal(out.probs, probs.astype(np.float32))
+
+
+def test_json_instances_keep_only_foreground(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((6, H, W), np.float32))
+    write_json(tmp_path / "x.png.json", [record(0, box(0, 0, 2, 2)), record(3, box(2, 2, 4, 5)),
+                                         record(1, box(1, 1, 3, 3), compressed=False)])
+    out = read_vlm(tmp_path, "x", CFG)
+    assert out.instance_classes.tolist() == [0, 1]
+    assert np.array_equal(out.instances, np.stack([box(0, 0, 2, 2), box(1, 1, 3, 3)]))
+
+
+def test_probs_from_instance_scores(tmp_path: Path) -> None:
+    # Two overlapping houses (0.6, 0.9) and one road (0.7): per class, the max score covering the pixel.
+    write_json(tmp_path / "x.json", [record(0, box(0, 0, 2, 3), 0.6), record(0, box(1, 2, 3, 4), 0.9),
+                                     record(2, box(3, 0, 4, 5), 0.7)])
+    out = read_vlm(tmp_path, "x", CFG)
+    house = np.zeros((H, W), np.float32)
+    house[0:2, 0:3] = 0.6
+    house[1:3, 2:4] = 0.9
+    assert np.allclose(out.probs[0], house)
+    assert np.allclose(out.probs[2], box(3, 0, 4, 5) * 0.7)
+    assert not out.probs[[1, 3, 4, 5]].any()
+    assert len(out.instances) == 2
+
+
+def test_class_map_png_and_components(tmp_path: Path) -> None:
+    labels = np.array([[0, 2, 1, 2, 255],
+                       [2, 1, 2, 2, 255],
+                       [2, 2, 2, 5, 5],
+                       [1, 1, 2, 5, 5]], np.uint8)
+    Image.fromarray(labels).save(tmp_path / "x.png")
+    out = read_vlm(tmp_path, "x", CFG)
+    assert out.probs.shape == (6, H, W) and out.probs[:, 0, 4].sum() == 0  # 255 = unknown: all 0
+    assert out.probs[5, 2, 3] == 1 and out.probs.sum() == (labels != 255).sum()
+    # Foreground (fg >= bg): the classes 0/1 plus the unknown pixels (tie 0 >= 0).
+    assert len(out.instances) == 3  # 8-connected: {(0,0),(1,1),(0,2)}, unknown column, bottom-left pair
+    assert (out.instance_classes == -1).all()
+    four = read_vlm(tmp_path, "x", CEGConfig(connectivity=4))
+    assert len(four.instances) == 5  # the diagonal trio splits in three
+    assert np.array_equal(four.instances.sum(0), out.instances.sum(0))  # a partition of the same mask
+
+
+def test_components_instead_of_json(tmp_path: Path) -> None:
+    probs = np.zeros((6, H, W), np.float32)
+    probs[2] = 1.0
+    probs[0][box(0, 0, 2, 2)] = 1.0
+    np.save(tmp_path / "x.npy", probs)
+    write_json(tmp_path / "x.json", [record(0, box(3, 3, 4, 5))])
+    assert np.array_equal(read_vlm(tmp_path, "x", CFG, "json").instances, box(3, 3, 4, 5)[None])
+    assert np.array_equal(read_vlm(tmp_path, "x", CFG, "components").instances, box(0, 0, 2, 2)[None])
+
+
+def test_empty_json_with_npy(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((6, H, W), np.float32))
+    write_json(tmp_path / "x.json", [])
+    assert read_vlm(tmp_path, "x", CFG).instances.shape == (0, H, W)
+
+
+def bad_npy(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((5, H, W), np.float32))
+
+
+def nan_npy(tmp_path: Path) -> None:
+    probs = np.zeros((6, H, W), np.float32)
+    probs[1, 2, 3] = np.nan
+    np.save(tmp_path / "x.npy", probs)
+
+
+def int_npy(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((6, H, W), np.int64))
+
+
+def bad_rle(tmp_path: Path) -> None:
+    write_json(tmp_path / "x.json", [{"category_id": 0, "segmentation": {"size": [H, W], "counts": "3/"}}])
+
+
+def short_rle(tmp_path: Path) -> None:
+    write_json(tmp_path / "x.json", [{"category_id": 0, "segmentation": {"size": [H, W], "counts": [3, 2]}}])
+
+
+def unknown_category(tmp_path: Path) -> None:
+    write_json(tmp_path / "x.json", [record(6, box(0, 0, 1, 1))])
+
+
+def size_mismatch(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((6, H, W), np.float32))
+    write_json(tmp_path / "x.json", [record(0, np.zeros((H + 1, W), bool))])
+
+
+def not_a_list(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text('{"annotations": []}')
+
+
+def broken_json(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text("[{")
+
+
+def no_category(tmp_path: Path) -> None:
+    write_json(tmp_path / "x.json", [{"segmentation": encode_mask(box(0, 0, 1, 1))}])
+
+
+def bad_class_map(tmp_path: Path) -> None:
+    Image.fromarray(np.full((H, W), 7, np.uint8)).save(tmp_path / "x.png")
+
+
+def rgb_class_map(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "x.png")
+
+
+def nothing(tmp_path: Path) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("make", "file", "message"),
+    [
+        (bad_npy, "x.npy", r"expected float \(C=6, H, W\).*got float32 \(5, 4, 5\); fix --classes"),
+        (nan_npy, "x.npy", "NaN or inf; re-export"),
+        (int_npy, "x.npy", "got int64"),
+        (bad_rle, "x.json", "record 0: bad RLE .*invalid character.*; re-export"),
+        (short_rle, "x.json", "record 0: bad RLE .*sum to 5"),
+        (unknown_category, "x.json", r"category_id 6 is outside --classes \(0..5\); fix --classes"),
+        (size_mismatch, "x.json", "mask size 5x5 differs from the image's 4x5; run the VLM on the original"),
+        (not_a_list, "x.json", "expected a list of COCO result records"),
+        (broken_json, "x.json", "cannot read JSON"),
+        (no_category, "x.json", "lacks category_id"),
+        (bad_class_map, "x.png", "class index 7 is outside --classes"),
+        (rgb_class_map, "x.png", "must be single-channel"),
+        (nothing, "x.npy|.json|.png", "no VLM output for 'x' on this date"),
+    ],
+)
+def test_malformed_inputs_name_the_file(tmp_path: Path, make, file: str, message: str) -> None:
+    make(tmp_path)
+    with pytest.raises(InputError, match=message) as err:
+        read_vlm(tmp_path, "x", CFG)
+    assert str(err.value).startswith(str(tmp_path / file))
+
+
+def test_size_checked_against_expected(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((6, H, W), np.float32))
+    with pytest.raises(InputError, match=r"x.npy: size 4x5 differs from the expected 4x6"):
+        read_vlm(tmp_path, "x", CFG, size=(H, W + 1))
+
+
+def test_json_required_when_asked(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((6, H, W), np.float32))
+    with pytest.raises(InputError, match="--instances json asks for it"):
+        read_vlm(tmp_path, "x", CFG, "json")
