@@ -1,0 +1,349 @@
+"""Cut raw change-detection data into the project's layout of 256x256 tiles (METHOD §2).
+
+Every subcommand writes ``OUT/{A,B,label}/<id>.png`` (labels 0/255) and ``OUT/list/<name>.txt`` (ids
+with ``.png``, as in the UniMatch/DiffMatch split lists). Tile ids:
+
+- ``levir`` (official ``SRC/{train,val,test}/{A,B,label}/<scene>.png``, 1024x1024): ``<scene>_<c>``,
+  c = 1..16 row-major (row 1: c = 1..4), the naming of LEVIR-CD256 and its split lists.
+- ``whu`` (one large image per date and a change label): ``whucd_<n>``, n = 1, 2, ... (5 digits),
+  row-major over the whole tiles; right and bottom leftovers are dropped, so the published
+  32,507 x 15,354 pair gives 126 x 59 = 7,434 tiles, the count of the WHU-CD-256 split lists (whether
+  that archive numbered its tiles in this order is not known; ``--split-dir`` reuses its lists as is).
+- ``folder`` (any ``SRC/{A,B[,label]}``, any size and image format): ``<stem>_<row>_<col>``, 0-based;
+  leftovers padded (image 0, label 0 = no change) or dropped. Pairs without a label are written as
+  A/B only and listed in ``list/unlabeled.txt``.
+
+Resumable: a scene, pair or WHU date whose tiles all exist is not read again unless ``--overwrite``;
+files are written atomically. Example: ``python -m diffmatch.prepare levir --src LEVIR-CD --out LEVIR-CD256``
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import tyro
+from PIL import Image
+
+from diffmatch.files import IMAGE_EXTS, InputError, atomic_path, read_label, read_rgb, run_cli, write_png
+
+TILE = 256
+KINDS = ("A", "B", "label")
+WHU_SIZES = {"train": 5947, "val": 743, "test": 744}  # published split of 7,434 tiles (METHOD §2)
+
+
+@dataclass
+class LevirArgs:
+    """Official LEVIR-CD scenes -> LEVIR-CD256 tiles ``<scene>_<c>.png``."""
+
+    src: Path
+    """Official layout: ``SRC/{train,val,test}/{A,B,label}/<scene>.png``."""
+    out: Path
+    """Output data set root."""
+    splits: tuple[str, ...] = ("train", "val", "test")
+    """Split folders to convert; each must exist under ``src``."""
+    overwrite: bool = False
+    """Rewrite tiles that already exist (default: skip finished scenes)."""
+
+
+@dataclass
+class WhuArgs:
+    """WHU-CD image pair -> WHU-CD-256 tiles ``whucd_NNNNN.png`` and a train/val/test split."""
+
+    out: Path
+    """Output data set root."""
+    src: Path | None = None
+    """Folder searched for ``before.*``, ``after.*`` and ``change_label.*`` (used for any of
+    ``--a``, ``--b``, ``--label`` not given)."""
+    a: Path | None = None
+    """Pre-event image (2012)."""
+    b: Path | None = None
+    """Post-event image (2016)."""
+    label: Path | None = None
+    """Change label image."""
+    split_dir: Path | None = None
+    """Folder with ``train.txt``, ``val.txt``, ``test.txt`` to copy to ``list/``. None: a seeded split
+    of the published sizes (scaled to the number of tiles)."""
+    seed: int = 0
+    """Seed of the split drawn without ``--split-dir``."""
+    overwrite: bool = False
+    """Rewrite tiles that already exist (default: skip dates whose tiles all exist)."""
+
+
+@dataclass
+class FolderArgs:
+    """Any folder of A/B(/label) image pairs -> tiles ``<stem>_<row>_<col>.png``."""
+
+    src: Path
+    """Folder with ``A/``, ``B/`` and optionally ``label/``; files pair up by name without extension."""
+    out: Path
+    """Output data set root."""
+    tile: int = TILE
+    """Side of the square tiles."""
+    border: Literal["pad", "drop"] = "pad"
+    """Tiles that overhang the image: ``pad`` (image 0, label 0 = no change) or ``drop``."""
+    list_name: str = "train"
+    """Name of the list of labelled tiles, ``list/<name>.txt``."""
+    mismatch: Literal["error", "skip"] = "error"
+    """Pairs whose A, B or label differ in size: stop with an error, or skip them with a warning."""
+    overwrite: bool = False
+    """Rewrite tiles that already exist (default: skip finished pairs)."""
+
+
+Args = (
+    Annotated[LevirArgs, tyro.conf.subcommand("levir")]
+    | Annotated[WhuArgs, tyro.conf.subcommand("whu")]
+    | Annotated[FolderArgs, tyro.conf.subcommand("folder")]
+)
+
+
+class Progress:
+    """Prints ``name: done/total unit, rate, ETA`` at most once a second and when finished."""
+
+    def __init__(self, name: str, total: int, unit: str) -> None:
+        self.name, self.total, self.unit = name, total, unit
+        self.done, self.start, self.shown = 0, time.monotonic(), 0.0
+
+    def step(self, n: int = 1) -> None:
+        self.done, now = self.done + n, time.monotonic()
+        if now - self.shown >= 1.0 or self.done >= self.total:
+            self.shown, rate = now, self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            line = f"{self.name}: {self.done}/{self.total} {self.unit}, {rate:.2f}/s, ETA {eta:.0f}s"
+            print(line, flush=True)
+
+
+def natural_key(name: str) -> list[int | str]:
+    """Sort key that orders ``train_2`` before ``train_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def cut(array: np.ndarray, row: int, col: int, tile: int) -> np.ndarray:
+    """Tile (row, col) of ``array``, zero-padded to ``tile`` x ``tile`` where it overhangs."""
+    piece = array[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
+    pad = [(0, tile - piece.shape[0]), (0, tile - piece.shape[1])] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(piece, pad) if piece.shape[:2] != (tile, tile) else piece
+
+
+def write_tiles(out: Path, sources: dict[str, Path], ids: list[list[str]], tile: int, overwrite: bool,
+                progress: Progress | None = None) -> list[str]:
+    """Cut each source (kind -> file) into tiles named ``ids[row][col]``; return the ids, row-major.
+
+    A source whose tiles all exist is not read (resume), unless ``overwrite``. ``progress`` steps once
+    per row of tiles.
+    """
+    flat = [i for row in ids for i in row]
+    for kind, path in sources.items():
+        if not overwrite and all((out / kind / f"{i}.png").is_file() for i in flat):
+            if progress:
+                progress.step(len(ids))
+            continue
+        array = read_label(path) * np.uint8(255) if kind == "label" else read_rgb(path)
+        for r, row in enumerate(ids):
+            for c, tile_id in enumerate(row):
+                write_png(out / kind / f"{tile_id}.png", cut(array, r, c, tile))
+            if progress:
+                progress.step()
+    return flat
+
+
+def write_list(out: Path, name: str, ids: list[str]) -> None:
+    """Write ``list/<name>.txt``, ids with ``.png``, atomically."""
+    with atomic_path(out / "list" / f"{name}.txt") as tmp:
+        tmp.write_text("".join(f"{i}.png\n" for i in ids))
+
+
+def images_in(folder: Path) -> dict[str, Path]:
+    """Image files of a folder by name without extension; two files with one name are an error."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.suffix.lower() in IMAGE_EXTS and not path.name.startswith("."):
+            if path.stem in found:
+                raise InputError(f"{path}: same name as {found[path.stem].name}; keep one of the two")
+            found[path.stem] = path
+    return found
+
+
+def find_pairs(root: Path, need_label: bool) -> list[dict[str, Path]]:
+    """``{A, B[, label]} -> file`` for every image of ``root/A``, in natural name order."""
+    for kind in KINDS if need_label else ("A", "B"):
+        if not (root / kind).is_dir():
+            raise InputError(f"{root / kind}: folder not found; {root} must hold A/, B/ and label/")
+    found = {kind: images_in(root / kind) for kind in KINDS}
+    if not found["A"]:
+        raise InputError(f"{root / 'A'}: no images found ({', '.join(IMAGE_EXTS)})")
+    for stem, path in found["A"].items():
+        for kind in KINDS if need_label else ("B",):
+            if stem not in found[kind]:
+                raise InputError(f"{path}: no {kind} image named {stem}.* in {root / kind}")
+    return [{kind: found[kind][stem] for kind in KINDS if stem in found[kind]}
+            for stem in sorted(found["A"], key=natural_key)]
+
+
+def check_sizes(sources: dict[str, Path]) -> tuple[tuple[int, int], str | None]:
+    """(height, width) of the first image from the file headers, and a message naming the files if
+    their sizes differ."""
+    sizes = {}
+    for path in sources.values():
+        if not path.is_file():
+            raise InputError(f"{path}: file not found")
+        try:
+            with Image.open(path) as image:
+                sizes[path] = image.height, image.width
+        except Exception as err:  # PIL raises many types for broken files
+            raise InputError(f"{path}: cannot read image ({err}); re-export it as PNG") from None
+    named = ", ".join(f"{path} is {w}x{h}" for path, (h, w) in sizes.items())
+    error = f"image sizes differ: {named}; crop them to one size" if len(set(sizes.values())) > 1 else None
+    return next(iter(sizes.values())), error
+
+
+def prepare_levir(args: LevirArgs) -> dict[str, list[str]]:
+    """Cut every scene of every split into 4x4 tiles; return the tile ids of each split."""
+    scenes = {split: find_pairs(args.src / split, need_label=True) for split in args.splits}
+    progress = Progress("levir", sum(len(s) for s in scenes.values()), "scenes")
+    lists: dict[str, list[str]] = {}
+    for split, pairs in scenes.items():
+        lists[split] = []
+        for sources in pairs:
+            (height, width), error = check_sizes(sources)
+            if error:
+                raise InputError(error)
+            if height % TILE or width % TILE:
+                raise InputError(f"{sources['A']}: {width}x{height} is not a multiple of {TILE}; "
+                                 "use `prepare folder` for scenes of other sizes")
+            rows, cols, stem = height // TILE, width // TILE, sources["A"].stem
+            ids = [[f"{stem}_{r * cols + c + 1}" for c in range(cols)] for r in range(rows)]
+            lists[split] += write_tiles(args.out, sources, ids, TILE, args.overwrite)
+            progress.step()
+        write_list(args.out, split, lists[split])
+    return lists
+
+
+@contextmanager
+def no_pixel_limit() -> Iterator[None]:
+    """Lift PIL's decompression-bomb limit for the WHU-CD images (~500 M pixels), then restore it."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def find_whu(args: WhuArgs) -> dict[str, Path]:
+    """The three WHU-CD files: those given, else the one image under ``--src`` named ``before``,
+    ``after`` or ``change_label`` (as in the published release; any image extension)."""
+    found = {"A": args.a, "B": args.b, "label": args.label}
+    missing = [kind for kind, path in found.items() if path is None]
+    if missing and (args.src is None or not args.src.is_dir()):
+        raise InputError(f"{args.src or '--src'}: folder not found; pass the WHU-CD folder as --src "
+                         "or the files as --a, --b, --label")
+    files = [p for p in args.src.rglob("*") if p.suffix.lower() in IMAGE_EXTS] if args.src and missing else []
+    for kind in missing:
+        pattern = {"A": "before", "B": "after", "label": "change[_ -]?label|change"}[kind]
+        hits = [p for p in files if re.fullmatch(pattern, p.stem.lower())]
+        if len(hits) != 1:
+            raise InputError(f"{args.src}: {len(hits) or 'no'} image(s) named like '{pattern}' for {kind}; "
+                             f"pass it as --{kind.lower()} FILE")
+        found[kind] = hits[0]
+    return {kind: Path(path) for kind, path in found.items() if path is not None}
+
+
+def split_sizes(n: int, seed_sizes: dict[str, int] = WHU_SIZES) -> dict[str, int]:
+    """Published split sizes scaled to ``n`` tiles (val and test rounded, train takes the rest)."""
+    total = sum(seed_sizes.values())
+    val, test = (round(n * seed_sizes[s] / total) for s in ("val", "test"))
+    return {"train": n - val - test, "val": val, "test": test}
+
+
+def prepare_whu(args: WhuArgs) -> dict[str, list[str]]:
+    """Cut the WHU-CD pair into whole 256x256 tiles, row-major; return the ids of each split.
+
+    Each date is decoded whole (PIL loads a whole compressed TIFF to crop it), one date at a time:
+    peak memory is about 3x one decoded image (~4.5 GB for the published 1.5 GB RGB images).
+    """
+    sources = find_whu(args)
+    given = read_split(args.split_dir) if args.split_dir is not None else None
+    with no_pixel_limit():
+        (height, width), error = check_sizes(sources)
+        if error:
+            raise InputError(error)
+        rows, cols = height // TILE, width // TILE
+        if rows * cols == 0:
+            raise InputError(f"{sources['A']}: {width}x{height} is smaller than one {TILE}x{TILE} tile")
+        ids = [[f"whucd_{r * cols + c + 1:05d}" for c in range(cols)] for r in range(rows)]
+        progress = Progress("whu", len(KINDS) * rows, "tile rows")
+        flat = write_tiles(args.out, sources, ids, TILE, args.overwrite, progress)
+    if given is not None:
+        written = set(flat)
+        missing = [i for ids_ in given.values() for i in ids_ if i not in written]
+        if missing:
+            raise InputError(f"{args.split_dir}: {len(missing)} listed ids (e.g. {missing[0]}) are not among "
+                             f"the {len(flat)} tiles cut; check the images or drop --split-dir")
+        lists = given
+    else:
+        order, start, lists = np.random.default_rng(args.seed).permutation(len(flat)), 0, {}
+        for split, size in split_sizes(len(flat)).items():
+            lists[split] = [flat[k] for k in sorted(order[start : start + size])]
+            start += size
+    for split, ids_ in lists.items():
+        write_list(args.out, split, ids_)
+    return lists
+
+
+def read_split(split_dir: Path) -> dict[str, list[str]]:
+    """Ids (without extension) of ``train.txt``, ``val.txt`` and ``test.txt`` in a split folder."""
+    lists = {}
+    for split in ("train", "val", "test"):
+        path = split_dir / f"{split}.txt"
+        if not path.is_file():
+            raise InputError(f"{path}: file not found; --split-dir must hold train.txt, val.txt, test.txt")
+        lists[split] = [Path(line.strip()).stem for line in path.read_text().splitlines() if line.strip()]
+    return lists
+
+
+def prepare_folder(args: FolderArgs) -> dict[str, list[str]]:
+    """Cut every pair of a folder into tiles; return the labelled and the unlabelled tile ids."""
+    pairs = find_pairs(args.src, need_label=False)
+    lists: dict[str, list[str]] = {args.list_name: [], "unlabeled": []}
+    progress = Progress("folder", len(pairs), "pairs")
+    for sources in pairs:
+        (height, width), error = check_sizes(sources)
+        if error and args.mismatch == "error":
+            raise InputError(f"{error} (or pass --mismatch skip)")
+        if error:
+            print(f"skipped: {error}", flush=True)
+            progress.step()
+            continue
+        extra = args.tile - 1 if args.border == "pad" else 0  # pad: round the grid up
+        rows, cols = (height + extra) // args.tile, (width + extra) // args.tile
+        stem = sources["A"].stem
+        ids = [[f"{stem}_{r}_{c}" for c in range(cols)] for r in range(rows)]
+        name = args.list_name if "label" in sources else "unlabeled"
+        lists[name] += write_tiles(args.out, sources, ids, args.tile, args.overwrite)
+        progress.step()
+    for name, ids_ in lists.items():
+        if ids_:
+            write_list(args.out, name, ids_)
+    return lists
+
+
+def main(args: LevirArgs | WhuArgs | FolderArgs) -> dict[str, list[str]]:
+    """Run one subcommand; return the tile ids written per list."""
+    if isinstance(args, WhuArgs):
+        return prepare_whu(args)
+    if not args.src.is_dir():
+        raise InputError(f"{args.src}: folder not found; pass the data set folder as --src")
+    if isinstance(args, LevirArgs):
+        return prepare_levir(args)
+    return prepare_folder(args)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(tyro.cli(Args)))
