@@ -1,0 +1,118 @@
+"""DiffMatch's loss terms and schedules as pure functions over tensors (§3.1, §3.3–3.6, Eq. 1–3, 14, 15).
+
+Shapes: ``logits`` (N, C, H, W); ``target`` / ``pseudo`` (N, H, W) integer class maps, 255 = ignore;
+``conf`` (N, H, W) pseudo-label confidences; ``valid`` (N, H, W) bool, False on padding; ``distance``
+(N, H, W). Every reduction divides by a count clamped to at least 1, so an empty selection (all pixels
+ignored, none above τ) gives an exact zero that still belongs to the graph, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE = 255
+"""Label value of pixels that no loss sees (padding, unreliable CEG pixels)."""
+
+
+def _ce_sum(logits: Tensor, target: Tensor) -> Tensor:
+    """Sum of the per-pixel cross-entropy over pixels whose target is not 255."""
+    return F.cross_entropy(logits, target.long(), ignore_index=IGNORE, reduction="sum")
+
+
+def _count(mask: Tensor) -> Tensor:
+    return mask.sum().clamp(min=1)
+
+
+def supervised_ce(logits: Tensor, target: Tensor) -> Tensor:
+    """L_s (Eq. 2): cross-entropy averaged over the pixels whose target is not 255."""
+    return _ce_sum(logits, target) / _count(target != IGNORE)
+
+
+def confidence_weight(conf: Tensor, valid: Tensor, tau: float) -> Tensor:
+    """Per-pixel weight [conf >= τ] * valid of the strong-view losses (Eq. 3), as a float map."""
+    return ((conf >= tau) & valid).to(conf.dtype)
+
+
+def unsupervised_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float) -> Tensor:
+    """L_u (Eq. 3) as FixMatch/UniMatch compute it: sum(CE * [conf >= τ] * valid) / sum(valid)."""
+    ce = F.cross_entropy(logits, pseudo.long(), ignore_index=IGNORE, reduction="none")
+    return (ce * confidence_weight(conf, valid, tau)).sum() / _count(valid)
+
+
+def _contrastive_terms(distance: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """Per-pixel pull term d² (unchanged pairs) and push term max(0, ε - d)² (changed pairs).
+
+    Squared as in the batch-balanced contrastive loss of Chen and Shi (2020) and the authors' code;
+    Eq. 14 as printed leaves the squares out."""
+    return distance.pow(2), (margin - distance).clamp(min=0).pow(2)
+
+
+def contrastive_balanced(distance: Tensor, target: Tensor, margin: float = 2.0) -> Tensor:
+    """Batch-balanced contrastive loss (Eq. 14) on labelled pairs.
+
+    Unchanged pixels (target 0) give d², changed ones (target 1) max(0, ε - d)²; each class is averaged
+    over its own pixels in the batch and the two means are summed. 255 is ignored; a class with no
+    pixel contributes 0.
+    """
+    pull, push = _contrastive_terms(distance, margin)
+    unchanged, changed = target == 0, target == 1
+    return (pull * unchanged).sum() / _count(unchanged) + (push * changed).sum() / _count(changed)
+
+
+def contrastive_weighted(
+    distance: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float, margin: float = 2.0
+) -> Tensor:
+    """Contrastive loss (Eq. 14) on the strong view: the per-pixel term for the pseudo label, weighted
+    like ``unsupervised_ce``: sum(l * [conf >= τ] * valid) / sum(valid). Pixels labelled 255 give 0."""
+    pull, push = _contrastive_terms(distance, margin)
+    per_pixel = pull * (pseudo == 0) + push * (pseudo == 1)
+    return (per_pixel * confidence_weight(conf, valid, tau)).sum() / _count(valid)
+
+
+def ceg_ce_mean(logits: Tensor, target: Tensor) -> Tensor:
+    """CEG guidance term on labelled pairs (§3.3, §3.5): plain mean over pixels whose label is not 255."""
+    return supervised_ce(logits, target)
+
+
+def ceg_ce_sum_over_all(logits: Tensor, target: Tensor) -> Tensor:
+    """CEG guidance term on unlabelled pairs: cross-entropy summed over pixels whose label is not 255,
+    divided by ALL pixels (the reduction behind the authors' numbers)."""
+    return _ce_sum(logits, target) / max(target.numel(), 1)
+
+
+def lambda_vl_at(iteration: int, total_iters: int, start: float = 0.1) -> float:
+    """λ_vl(t) (§4.1.2): ``start`` at iteration 0, falling linearly to 0 at ``iteration == total_iters``
+    (the end of training), as the authors' schedule does."""
+    return start * max(0.0, 1.0 - iteration / max(total_iters, 1))
+
+
+def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float = 0.9) -> float:
+    """Poly decay per iteration: base_lr * (1 - t / T) ** power."""
+    return base_lr * max(0.0, 1.0 - iteration / max(total_iters, 1)) ** power
+
+
+class LossTerms(NamedTuple):
+    """The four loss terms of one step; a term that is off is a zero tensor."""
+
+    s: Tensor
+    """L_s, supervised cross-entropy (Eq. 2)."""
+    u: Tensor
+    """L_u, FixMatch consistency (Eq. 3)."""
+    c: Tensor
+    """L_c, contrastive consistency (Eq. 14): (labelled + strong view) / 2."""
+    vl: Tensor
+    """L_vl, VLM guidance (§3.3, §3.5): the six CEG terms summed and divided by 6."""
+
+
+def total_loss(terms: LossTerms, *, lambda_c: float, lambda_vl: float) -> Tensor:
+    """L = (L_s + L_u) / 2 + λ_c L_c + λ_vl L_vl (Eq. 1 and 15)."""
+    return (terms.s + terms.u) / 2 + lambda_c * terms.c + lambda_vl * terms.vl
+
+
+def zero_like(x: Tensor) -> Tensor:
+    """A scalar zero on ``x``'s device and dtype, for a loss term that is switched off."""
+    return torch.zeros((), device=x.device, dtype=x.dtype)

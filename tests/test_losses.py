@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffmatch.losses import (
+    IGNORE,
+    LossTerms,
+    ceg_ce_mean,
+    ceg_ce_sum_over_all,
+    confidence_weight,
+    contrastive_balanced,
+    contrastive_weighted,
+    lambda_vl_at,
+    poly_lr,
+    supervised_ce,
+    total_loss,
+    unsupervised_ce,
+    zero_like,
+)
+
+LN2, LN43, LN4 = math.log(2.0), math.log(4.0 / 3.0), math.log(4.0)
+
+
+def row_logits(*pixels: tuple[float, float]) -> torch.Tensor:
+    """(1, 2, 1, P) logits, one (class 0, class 1) pair per pixel, with gradient."""
+    return torch.tensor(pixels, dtype=torch.float32).T.reshape(1, 2, 1, -1).requires_grad_()
+
+
+def row(*values: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).reshape(1, 1, -1)
+
+
+# Cross-entropy of each pixel below, by hand: CE = log(sum exp) - logit of the target.
+#   (0, 0)     target 0 or 1 -> ln 2
+#   (0, ln 3)  target 1 -> ln 4 - ln 3 = ln(4/3);  target 0 -> ln 4
+PIXELS = ((0.0, 0.0), (0.0, math.log(3.0)), (0.0, math.log(3.0)), (0.0, 0.0))
+
+
+def assert_zero_with_graph(loss: torch.Tensor, logits: torch.Tensor) -> None:
+    assert loss.item() == 0.0 and bool(torch.isfinite(loss))
+    assert loss.requires_grad
+    loss.backward()
+    assert (
+        logits.grad is not None and bool(torch.isfinite(logits.grad).all()) and logits.grad.abs().sum() == 0
+    )
+
+
+def test_supervised_ce_ignores_255() -> None:
+    logits = row_logits(*PIXELS)
+    target = row(0, 1, IGNORE, 1, dtype=torch.long)
+    loss = supervised_ce(logits, target)
+    assert loss.item() == pytest.approx((LN2 + LN43 + LN2) / 3)
+    assert ceg_ce_mean(logits, target).item() == pytest.approx(loss.item())
+
+
+def test_supervised_ce_all_ignored_is_zero() -> None:
+    logits = row_logits(*PIXELS)
+    assert_zero_with_graph(
+        supervised_ce(logits, row(IGNORE, IGNORE, IGNORE, IGNORE, dtype=torch.uint8)), logits
+    )
+
+
+def test_unsupervised_ce_weights_and_divides_by_valid() -> None:
+    logits = row_logits(*PIXELS)
+    pseudo = row(0, 1, 0, 1, dtype=torch.long)
+    conf = row(0.99, 0.95, 0.5, 0.99)
+    valid = row(True, True, True, False, dtype=torch.bool)
+    # Pixels 0 and 1 count (conf >= 0.95 and valid); 2 is below τ; 3 is padding; divide by 3 valid.
+    loss = unsupervised_ce(logits, pseudo, conf, valid, 0.95)
+    assert loss.item() == pytest.approx((LN2 + LN43) / 3)
+    weight = confidence_weight(conf, valid, 0.95)
+    assert weight.tolist() == [[[1.0, 1.0, 0.0, 0.0]]]
+
+
+def test_unsupervised_ce_empty_cases_are_zero() -> None:
+    pseudo = row(0, 1, 0, 1, dtype=torch.long)
+    logits = row_logits(*PIXELS)
+    below = row(0.1, 0.2, 0.3, 0.94)
+    assert_zero_with_graph(
+        unsupervised_ce(logits, pseudo, below, torch.ones(1, 1, 4, dtype=torch.bool), 0.95), logits
+    )
+    logits = row_logits(*PIXELS)
+    no_valid = torch.zeros(1, 1, 4, dtype=torch.bool)
+    assert_zero_with_graph(unsupervised_ce(logits, pseudo, torch.ones(1, 1, 4), no_valid, 0.95), logits)
+
+
+def test_contrastive_balanced_by_hand() -> None:
+    d = row(0.5, 1.0, 3.0, 1.5, 0.2).requires_grad_()
+    target = row(0, 0, 1, 1, IGNORE, dtype=torch.long)
+    # unchanged: (0.5² + 1²) / 2 = 0.625; changed: (max(0, 2-3)² + (2-1.5)²) / 2 = 0.125
+    loss = contrastive_balanced(d, target, margin=2.0)
+    assert loss.item() == pytest.approx(0.75)
+    loss.backward()
+    assert d.grad is not None and d.grad[0, 0, 4].item() == 0.0  # ignored pixel
+    assert d.grad[0, 0].tolist() == pytest.approx([0.5, 1.0, 0.0, -0.5, 0.0])
+
+
+def test_contrastive_balanced_missing_class_contributes_zero() -> None:
+    d = row(0.5, 1.0, 0.2)
+    assert contrastive_balanced(d, row(0, 0, IGNORE, dtype=torch.long)).item() == pytest.approx(0.625)
+    assert contrastive_balanced(d, row(1, 1, 1, dtype=torch.long)).item() == pytest.approx(
+        (2.25 + 1 + 3.24) / 3
+    )
+    assert contrastive_balanced(d, row(1, 1, 1, dtype=torch.long), margin=1.0).item() == pytest.approx(
+        (0.25 + 0 + 0.64) / 3
+    )
+    d = d.clone().requires_grad_()
+    loss = contrastive_balanced(d, row(IGNORE, IGNORE, IGNORE, dtype=torch.long))
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_contrastive_weighted_by_hand() -> None:
+    d = row(0.5, 1.0, 3.0, 1.5)
+    pseudo = row(0, 0, 1, 1, dtype=torch.long)
+    conf = row(0.99, 0.5, 0.99, 0.99)
+    valid = row(True, True, True, False, dtype=torch.bool)
+    # kept: pixel 0 (0.25) and pixel 2 (0); pixel 1 below τ, pixel 3 padding; divide by 3 valid pixels.
+    assert contrastive_weighted(d, pseudo, conf, valid, 0.95).item() == pytest.approx(0.25 / 3)
+    valid_all = torch.ones(1, 1, 4, dtype=torch.bool)
+    assert contrastive_weighted(d, pseudo, conf, valid_all, 0.95).item() == pytest.approx((0.25 + 0.25) / 4)
+    d = d.clone().requires_grad_()
+    loss = contrastive_weighted(d, pseudo, torch.zeros(1, 1, 4), valid, 0.95)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss = contrastive_weighted(d, pseudo, conf, torch.zeros(1, 1, 4, dtype=torch.bool), 0.95)
+    assert loss.item() == 0.0 and not bool(torch.isnan(loss))
+
+
+def test_ceg_sum_over_all_pixels() -> None:
+    logits = row_logits(*PIXELS)
+    target = row(1, 0, IGNORE, IGNORE, dtype=torch.long)
+    # sum over the two labelled pixels (ln 2 + ln 4) divided by all four pixels
+    assert ceg_ce_sum_over_all(logits, target).item() == pytest.approx((LN2 + LN4) / 4)
+    assert ceg_ce_mean(logits, target).item() == pytest.approx((LN2 + LN4) / 2)
+    logits = row_logits(*PIXELS)
+    assert_zero_with_graph(ceg_ce_sum_over_all(logits, torch.full((1, 1, 4), IGNORE)), logits)
+
+
+def test_batch_reductions_pool_pixels_over_images() -> None:
+    """Means are over pixels of the whole batch, not averaged per image."""
+    logits = torch.cat([row_logits(*PIXELS[:2]), row_logits(*PIXELS[:2])]).detach()
+    target = torch.tensor([[[0, IGNORE]], [[1, 1]]])
+    assert supervised_ce(logits, target).item() == pytest.approx((LN2 + LN2 + LN43) / 3)
+
+
+def test_schedules() -> None:
+    assert lambda_vl_at(0, 100) == pytest.approx(0.1)
+    assert lambda_vl_at(50, 100) == pytest.approx(0.05)
+    assert lambda_vl_at(100, 100) == 0.0
+    assert lambda_vl_at(99, 100, start=1.0) == pytest.approx(0.01)
+    assert poly_lr(0.02, 0, 100) == pytest.approx(0.02)
+    assert poly_lr(0.02, 50, 100) == pytest.approx(0.02 * 0.5**0.9)
+    assert poly_lr(0.02, 100, 100) == 0.0
+
+
+def test_total_loss_weights() -> None:
+    terms = LossTerms(s=torch.tensor(1.0), u=torch.tensor(2.0), c=torch.tensor(3.0), vl=torch.tensor(4.0))
+    # (1 + 2) / 2 + 0.1 * 3 + 0.05 * 4
+    assert total_loss(terms, lambda_c=0.1, lambda_vl=0.05).item() == pytest.approx(2.0)
+    off = LossTerms(s=torch.tensor(1.0), u=torch.tensor(2.0), c=zero_like(terms.s), vl=zero_like(terms.s))
+    assert total_loss(off, lambda_c=0.1, lambda_vl=0.1).item() == pytest.approx(1.5)
+    assert zero_like(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
