@@ -1,0 +1,266 @@
+"""A procedural change-detection data set in the METHOD.md §2 layout, with simulated VLM outputs (§3).
+
+Pairs come from :mod:`diffmatch.scene` (LEVIR-CD-like suburbs, buildings built or demolished, nuisance
+differences and a 1-3 px misregistration). For each date a simulated open-vocabulary segmenter gives
+per-class probabilities (``vlm/{A,B}/<id>.npy``, float16 (C, H, W)) and APE-style COCO instance records
+(``vlm/{A,B}/<id>.json``), with the failure modes the paper's CEG has to cope with (§3.2): missed
+buildings, false positives, dilated, eroded or shifted masks, overlapping duplicates, soft boundaries
+and regions of low confidence (shadows, bare ground, clutter).
+
+    python -m diffmatch.synthetic --out data/synthetic --num-pairs 200
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+from diffmatch import scene
+from diffmatch.config import CEGConfig
+from diffmatch.files import InputError, atomic_path, run_cli, write_png
+from diffmatch.raster import grow, smooth_noise
+from diffmatch.rle import encode_mask
+
+VLMKind = Literal["npy", "json", "png"]
+CLASSES = CEGConfig().classes  # house, building, road, grass, tree, water: the order of scene's codes
+
+
+@dataclass
+class Args:
+    """Write a synthetic bi-temporal change-detection data set with simulated VLM outputs."""
+
+    out: Path
+    """Data set root to write (``A/``, ``B/``, ``label/``, ``list/``, ``vlm/``)."""
+    num_pairs: int = 200
+    """Number of image pairs, over all splits."""
+    size: int = 256
+    """Side of each square crop in pixels (0.5 m/px, like LEVIR-CD256)."""
+    val_fraction: float = 0.1
+    """Share of the pairs listed in ``list/val.txt`` (the first 70 % go to train by default)."""
+    test_fraction: float = 0.2
+    """Share of the pairs listed in ``list/test.txt`` (the last ones)."""
+    change_density: float = 0.5
+    """Share of pairs in which buildings are built or demolished (LEVIR-CD: about half of the crops)."""
+    vlm_noise: float = 1.0
+    """Failure rate of the simulated VLM: 0 = near-perfect, 1 = APE-like on LEVIR-CD, 2 = poor."""
+    vlm_kinds: tuple[VLMKind, ...] = ("npy", "json")
+    """VLM files to write per date: ``npy`` probabilities, ``json`` instances, ``png`` class maps."""
+    seed: int = 0
+    """Seed; pair i is drawn from (seed, i) alone, whatever the number of workers."""
+    workers: int = 1
+    """Worker processes."""
+    overwrite: bool = False
+    """Rewrite pairs whose files exist already (default: skip them, so an interrupted run resumes)."""
+
+
+@dataclass
+class SyntheticPair:
+    """One generated pair and its simulated VLM outputs."""
+
+    scene: scene.ScenePair
+    """Images, label, true cover and instances of both dates, and B's misregistration."""
+    probs: tuple[np.ndarray, np.ndarray]
+    """Per-class probabilities (C, H, W) float16 of A and of B."""
+    records: tuple[list[dict], list[dict]]
+    """COCO result records of A and of B."""
+
+
+def _window(sl: tuple[slice, slice], pad: int, shape: tuple[int, int]) -> tuple[slice, slice]:
+    return tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(sl, shape, strict=True))
+
+
+def _record(mask: np.ndarray, category: int, score: float, image_id: str) -> dict:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    box = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+    return {"image_id": image_id, "category_id": category, "category_name": CLASSES[category],
+            "score": round(float(score), 4), "segmentation": encode_mask(mask), "bbox": box}  # fmt: skip
+
+
+def _instances(rng: np.random.Generator, view: scene.DateView, kinds: list[int], noise: float
+               ) -> list[tuple[np.ndarray, tuple[slice, slice], int, float]]:  # fmt: skip
+    """Detected building masks (full size, with their window), category and score: the VLM's failures."""
+    shape = h, w = view.instances.shape
+    found = []
+
+    def add(local: np.ndarray, win: tuple[slice, slice], category: int, score: float) -> None:
+        mask = np.zeros(shape, bool)
+        mask[win] = local
+        found.append((mask, win, category, score))
+
+    for index, sl in enumerate(ndimage.find_objects(view.instances)):
+        if sl is None:
+            continue
+        win = _window(sl, 4, shape)
+        local = view.instances[win] == index + 1
+        area = int(local.sum())
+        if rng.random() < noise * (0.08 + 0.25 * (area < 120)):  # missed
+            continue
+        pick = rng.random()
+        if pick < 0.3 * noise:  # dilated
+            local = grow(local, int(rng.integers(1, 3)))
+        elif pick < 0.5 * noise and area > 60:  # eroded
+            local = ndimage.binary_erosion(local)
+        elif pick < 0.65 * noise:  # shifted
+            local = np.roll(local, tuple(int(v) for v in rng.integers(-2, 3, 2)), (0, 1))
+        if not local.any():
+            continue
+        category = kinds[index] if rng.random() > 0.2 * noise else 1 - kinds[index]
+        score = rng.uniform(0.5, 0.98) - 0.2 * (area < 120)
+        add(local, win, category, score)
+        if rng.random() < 0.2 * noise:  # an overlapping duplicate with the other prompt
+            twin = ndimage.binary_dilation(local) if rng.random() < 0.5 else local
+            add(twin, win, 1 - category, score * rng.uniform(0.5, 0.9))
+    candidates = np.flatnonzero((view.cover == scene.SOIL).ravel())
+    for _ in range(rng.poisson(1.0 * noise)):  # false positives, mostly on bare ground and paving
+        centre = rng.choice(candidates) if len(candidates) and rng.random() < 0.8 else rng.integers(h * w)
+        cy, cx = divmod(int(centre), w)
+        hy, hx = (int(v) for v in rng.integers(4, 12, 2))
+        win = (slice(max(0, cy - hy), min(h, cy + hy)), slice(max(0, cx - hx), min(w, cx + hx)))
+        box = np.ones((win[0].stop - win[0].start, win[1].stop - win[1].start), bool)
+        add(box, win, int(rng.integers(2)), rng.uniform(0.3, 0.7))
+    return found
+
+
+def simulate_vlm(rng: np.random.Generator, view: scene.DateView, kinds: list[int], noise: float,
+                 image_id: str) -> tuple[np.ndarray, list[dict]]:  # fmt: skip
+    """Per-class probabilities (C, H, W) float16 and COCO records of one date, mutually consistent."""
+    h, w = view.cover.shape
+    found = _instances(rng, view, kinds, noise)
+    strength = 6.0 * np.clip(1 + 0.3 * smooth_noise(rng, h, 3), 0.35, None)
+    detected = np.zeros((h, w), bool)
+    for mask, win, *_ in found:
+        detected[win] |= mask[win]
+    missed = (view.instances > 0) & ~detected
+    cover = np.minimum(view.cover, scene.WATER)
+    cover[missed] = scene.ROAD if rng.random() < 0.5 else scene.GRASS  # a missed roof looks like ground
+    logits = np.zeros((len(CLASSES), h, w), np.float32)
+    logits.reshape(len(CLASSES), -1)[cover.ravel(), np.arange(h * w)] = strength.ravel()
+    bare = view.cover == scene.SOIL  # bare ground and paving: torn between road and grass
+    logits[scene.ROAD][bare] = logits[scene.GRASS][bare] = 0.55 * strength[bare]
+    logits[:, missed] *= 0.4
+    for mask, win, category, score in sorted(found, key=lambda f: f[3]):
+        block, local = logits[(slice(None), *win)], mask[win]
+        value = strength[win][local] * (0.6 + 0.5 * score)
+        block[:, local] = 0
+        block[category][local], block[1 - category][local] = value, value - 2.5
+    damp = np.ones((h, w), np.float32)
+    damp[view.shadow] = 1 - 0.6 * min(noise, 1)
+    damp[smooth_noise(rng, h, 5) > 2.2 - min(noise, 1.5)] *= 0.35  # clutter of low confidence
+    logits *= damp
+    logits += rng.standard_normal((len(CLASSES), 1, 1), dtype=np.float32) * 0.3 * noise
+    logits = ndimage.gaussian_filter(logits, (0, 0.8 + 0.7 * noise, 0.8 + 0.7 * noise), truncate=2)
+    logits = np.exp(logits - logits.max(0))
+    probs = (logits / logits.sum(0)).astype(np.float16)
+    records = [_record(m, c, s, image_id) for m, _win, c, s in found]
+    for code in (scene.WATER, scene.ROAD):  # APE also returns background things
+        regions, count = ndimage.label(view.cover == code)
+        sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
+        for region in np.flatnonzero(sizes > 0.01 * h * w)[:2]:
+            records.append(_record(regions == region + 1, code, rng.uniform(0.5, 0.95), image_id))
+    return probs, sorted(records, key=lambda r: -r["score"])
+
+
+def make_pair(index: int, *, seed: int = 0, size: int = 256, change_density: float = 0.5,
+              vlm_noise: float = 1.0) -> SyntheticPair:  # fmt: skip
+    """Pair ``index`` of the data set of ``seed``; the VLM's randomness is separate from the scene's."""
+    drawn = scene.draw_pair(np.random.default_rng([seed, index, 0]), size, change_density)
+    image_id = f"{pair_id(index)}.png"
+    outputs = [
+        simulate_vlm(np.random.default_rng([seed, index, 1 + d]), view, drawn.kinds, vlm_noise, image_id)
+        for d, view in enumerate((drawn.a, drawn.b))
+    ]
+    return SyntheticPair(drawn, (outputs[0][0], outputs[1][0]), (outputs[0][1], outputs[1][1]))
+
+
+def pair_id(index: int) -> str:
+    """File stem of pair ``index``."""
+    return f"syn_{index:05d}"
+
+
+def _paths(out: Path, index: int, kinds: tuple[str, ...]) -> list[Path]:
+    stem = pair_id(index)
+    vlm = [out / "vlm" / d / f"{stem}.{k}" for k in kinds for d in ("A", "B")]
+    return [*vlm, out / "A" / f"{stem}.png", out / "B" / f"{stem}.png", out / "label" / f"{stem}.png"]
+
+
+def _write_pair(job: tuple[Path, int, dict, tuple[str, ...]]) -> int:
+    """Generate pair ``index`` and write its files (VLM outputs first, the label last)."""
+    out, index, options, kinds = job
+    pair = make_pair(index, **options)
+    for date, probs, records in zip("AB", pair.probs, pair.records, strict=True):
+        folder = out / "vlm" / date
+        if "npy" in kinds:
+            with atomic_path(folder / f"{pair_id(index)}.npy") as tmp, tmp.open("wb") as f:
+                np.save(f, probs)
+        if "json" in kinds:
+            with atomic_path(folder / f"{pair_id(index)}.json") as tmp:
+                tmp.write_text(json.dumps(records, separators=(",", ":")))
+        if "png" in kinds:
+            classes = np.argmax(probs, 0).astype(np.uint8)
+            write_png(folder / f"{pair_id(index)}.png", np.where(probs.max(0) < 0.5, 255, classes))
+    write_png(out / "A" / f"{pair_id(index)}.png", pair.scene.a.image)
+    write_png(out / "B" / f"{pair_id(index)}.png", pair.scene.b.image)
+    write_png(out / "label" / f"{pair_id(index)}.png", pair.scene.label)
+    return index
+
+
+def generate(out: Path, *, num_pairs: int = 200, size: int = 256, val_fraction: float = 0.1,
+             test_fraction: float = 0.2, change_density: float = 0.5, vlm_noise: float = 1.0,
+             vlm_kinds: tuple[VLMKind, ...] = ("npy", "json"), seed: int = 0, workers: int = 1,
+             overwrite: bool = False, verbose: bool = True) -> None:  # fmt: skip
+    """Write the data set (see ``Args`` for the options); pairs already complete are kept."""
+    if num_pairs < 1 or size < 32 or seed < 0 or workers < 1:
+        raise InputError(f"num_pairs={num_pairs}, size={size}, seed={seed}, workers={workers}: need "
+                         "num_pairs >= 1, size >= 32, seed >= 0 and workers >= 1")  # fmt: skip
+    if min(val_fraction, test_fraction) < 0 or val_fraction + test_fraction >= 1:
+        raise InputError(f"val_fraction={val_fraction}, test_fraction={test_fraction}: need shares >= 0 "
+                         "that sum to less than 1")  # fmt: skip
+    bad = [k for k in vlm_kinds if k not in ("npy", "json", "png")]
+    if bad:
+        raise InputError(f"vlm_kinds {bad}: choose among npy, json, png")
+    kinds = tuple(dict.fromkeys(vlm_kinds))
+    options = {"seed": seed, "size": size, "change_density": change_density, "vlm_noise": vlm_noise}
+    todo = [i for i in range(num_pairs) if overwrite or not all(p.is_file() for p in _paths(out, i, kinds))]
+    if verbose:
+        print(f"{out}: {len(todo)} pairs to write, {num_pairs - len(todo)} complete already", flush=True)
+    jobs = [(out, i, options, kinds) for i in todo]
+    start = last = time.monotonic()
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    try:
+        results = pool.imap_unordered(_write_pair, jobs, chunksize=4) if pool else map(_write_pair, jobs)
+        for done, _index in enumerate(results, 1):
+            now = time.monotonic()
+            if verbose and (now - last > 2 or done == len(jobs)):
+                rate = done / max(now - start, 1e-9)
+                print(f"  {done}/{len(jobs)} pairs  {rate:.1f} pairs/s  ETA {(len(jobs) - done) / rate:.0f} s",
+                      flush=True)  # fmt: skip
+                last = now
+    finally:
+        if pool:
+            pool.terminate()
+    n_val, n_test = round(num_pairs * val_fraction), round(num_pairs * test_fraction)
+    n_train = num_pairs - n_val - n_test
+    ids = [pair_id(i) for i in range(num_pairs)]
+    splits = {"train": ids[:n_train], "val": ids[n_train : n_train + n_val], "test": ids[n_train + n_val :]}
+    for name, split in splits.items():
+        with atomic_path(out / "list" / f"{name}.txt") as tmp:
+            tmp.write_text("".join(f"{i}\n" for i in split))
+
+
+def main(args: Args) -> None:
+    generate(args.out, num_pairs=args.num_pairs, size=args.size, val_fraction=args.val_fraction,
+             test_fraction=args.test_fraction, change_density=args.change_density, vlm_noise=args.vlm_noise,
+             vlm_kinds=args.vlm_kinds, seed=args.seed, workers=args.workers, overwrite=args.overwrite)  # fmt: skip
+
+
+if __name__ == "__main__":
+    import tyro
+
+    run_cli(lambda: main(tyro.cli(Args, prog="python -m diffmatch.synthetic")))
