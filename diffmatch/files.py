@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class InputError(Exception):
@@ -94,16 +96,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def write_png(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically."""
+def write_png(path: Path, array: np.ndarray, compress_level: int = 1) -> None:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically (fast zlib level by default)."""
     with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(tmp, format="PNG")
+        Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(tmp, format="PNG",
+                                                                          compress_level=compress_level)
 
 
 def write_json(path: Path, obj: Any) -> None:
