@@ -1,0 +1,121 @@
+"""One training step of DiffMatch and its baselines (METHOD §6; §3.1, §3.3–3.6, Table 1).
+
+Batches: labelled ``x``, unlabelled ``u`` and a second unlabelled batch ``u2`` that supplies the CutMix
+content of ``u``'s strong view.
+1. ``u2``'s weak view through the model in eval mode, without gradient.
+2. ``x`` and ``u``-weak in one forward pass, then ``u``-strong; FixMatch pseudo labels from ``u``-weak,
+   CutMix'd with ``u2``'s.
+3. The loss terms L_s, L_u, L_c, L_vl and their total (Eq. 1, 15).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from diffmatch import losses
+from diffmatch.config import LossConfig, Method
+from diffmatch.data import LabeledSample, UnlabeledSample
+from diffmatch.losses import LossTerms
+from diffmatch.model import ModelOutput
+
+Batch = TypeVar("Batch", LabeledSample, UnlabeledSample)
+
+
+def confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Confidence and hard label of detached change logits (FixMatch pseudo labels, Eq. 3)."""
+    probs = logits.detach().float().softmax(dim=1)
+    conf, label = probs.max(dim=1)
+    return conf, label
+
+
+def cutmix(box: Tensor, x: Tensor, content: Tensor) -> Tensor:
+    """``x`` with ``content`` pasted inside the CutMix box (N, H, W); works for images and masks."""
+    inside = box.bool().view(box.shape[0], *([1] * (x.dim() - 3)), *box.shape[1:])
+    return torch.where(inside, content, x)
+
+
+@torch.no_grad()
+def mix_predictions(model: nn.Module, u2: UnlabeledSample) -> tuple[Tensor, Tensor]:
+    """Step 1: predictions on ``u2``'s weak view in eval mode, the pseudo labels of its CutMix content."""
+    model.eval()
+    logits = model(u2.a, u2.b, change_only=True).change
+    model.train()
+    return confidence(logits)
+
+
+def contrastive_term(out: ModelOutput, out_s: ModelOutput, x_label: Tensor, label: Tensor, conf: Tensor,
+                     valid: Tensor, cfg: LossConfig) -> Tensor:
+    """L_c (§3.6, Eq. 14): labelled pairs against the ground truth, batch-balanced; the strong view
+    against the mixed pseudo label, weighted like L_u; the two averaged."""
+    n = x_label.shape[0]
+    labelled = losses.contrastive_balanced(out.distance[:n], x_label, cfg.margin)
+    strong = losses.contrastive_weighted(out_s.distance, label, conf, valid, cfg.tau, cfg.margin)
+    return (labelled + strong) / 2
+
+
+def guidance_term(out: ModelOutput, out_s: ModelOutput, x: LabeledSample, u: UnlabeledSample,
+                  u2: UnlabeledSample, cfg: LossConfig) -> Tensor:
+    """L_vl (§3.3–3.5): CEG change labels on the change head (``w_vl``) and CEG single-date masks on the
+    segmentation head, for x, u-weak and u-strong (CEG labels CutMix'd like the images); the mean of the
+    terms that are on (six with everything on)."""
+    n, terms = x.label.shape[0], []
+    if cfg.vl_guidance:
+        strong = cutmix(u.box, u.pseudo, u2.pseudo)
+        terms += [losses.ceg_ce_mean(out.change_vl[:n], x.pseudo),
+                  losses.ceg_ce_sum_over_all(out.change_vl[n:], u.pseudo),
+                  losses.ceg_ce_sum_over_all(out_s.change_vl, strong)]
+    if cfg.seg_guidance:
+
+        def seg_terms(seg: Tensor, seg_s: Tensor, xs: Tensor, us: Tensor, u2s: Tensor) -> list[Tensor]:
+            return [losses.ceg_ce_mean(seg[:n], xs), losses.ceg_ce_sum_over_all(seg[n:], us),
+                    losses.ceg_ce_sum_over_all(seg_s, cutmix(u.box, us, u2s))]
+
+        date_a = seg_terms(out.seg_a, out_s.seg_a, x.seg_a, u.seg_a, u2.seg_a)
+        date_b = seg_terms(out.seg_b, out_s.seg_b, x.seg_b, u.seg_b, u2.seg_b)
+        terms += [(ta + tb) / 2 for ta, tb in zip(date_a, date_b, strict=True)]
+    return torch.stack(terms).sum() / len(terms) if terms else losses.zero_like(out.change)
+
+
+class StepResult(NamedTuple):
+    """Loss terms of one step and the share of confident pseudo-label pixels."""
+
+    terms: LossTerms
+    total: Tensor
+    confident: float
+
+
+def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: UnlabeledSample | None,
+                   u2: UnlabeledSample | None, cfg: LossConfig, lambda_vl: float) -> StepResult:
+    """Steps 1–3 of METHOD §6: pseudo labels, forward passes with gradient, loss terms and total."""
+    if method == "supervised" or u is None or u2 is None:
+        l_s = losses.supervised_ce(model(x.a, x.b, change_only=True).change, x.label)
+        zero = losses.zero_like(l_s)
+        return StepResult(LossTerms(l_s, zero, zero, zero), l_s, 0.0)
+    conf_mix, label_mix = mix_predictions(model, u2)
+    a_s, b_s = cutmix(u.box, u.a_strong, u2.a_strong), cutmix(u.box, u.b_strong, u2.b_strong)
+    change_only = method != "diffmatch"
+    n = x.a.shape[0]
+    out = model(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=change_only)
+    out_s = model(a_s, b_s, change_only=change_only)
+    conf_u, label_u = confidence(out.change[n:])
+    conf, label = cutmix(u.box, conf_u, conf_mix), cutmix(u.box, label_u, label_mix)
+    valid = cutmix(u.box, u.ignore, u2.ignore) != 255
+    l_s = losses.supervised_ce(out.change[:n], x.label)
+    l_u = losses.unsupervised_ce(out_s.change, label, conf, valid, cfg.tau)
+    l_c = l_vl = losses.zero_like(l_s)
+    if method == "diffmatch":
+        if cfg.contrastive:
+            l_c = contrastive_term(out, out_s, x.label, label, conf, valid, cfg)
+        l_vl = guidance_term(out, out_s, x, u, u2, cfg)
+    terms = LossTerms(l_s, l_u, l_c, l_vl)
+    total = losses.total_loss(terms, lambda_c=cfg.lambda_c, lambda_vl=lambda_vl)
+    confident = float(((conf >= cfg.tau) & valid).sum() / valid.sum().clamp(min=1))
+    return StepResult(terms, total, confident)
+
+
+def to_device(batch: Batch | None, device: torch.device) -> Batch | None:
+    """A batch's tensors on ``device``."""
+    return None if batch is None else type(batch)(*(t.to(device, non_blocking=True) for t in batch))

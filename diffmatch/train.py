@@ -1,0 +1,245 @@
+"""Train DiffMatch, or the FixMatch and supervised baselines, on a change-detection data set.
+
+    python -m diffmatch.train --data.root LEVIR-CD256 --label-ratio 0.05
+    torchrun --nproc_per_node 4 -m diffmatch.train --data.root LEVIR-CD256 --label-ratio 0.05
+
+Read top to bottom next to the paper: the data (§3.1), then the loop: poly learning rate and λ_vl
+schedule, one step of ``diffmatch.step`` (METHOD §6), the update, logging, evaluation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from diffmatch import losses
+from diffmatch.checkpoint import load_checkpoint, load_state, save_checkpoint
+from diffmatch.config import TrainArgs, to_dict
+from diffmatch.data import LabeledSet, UnlabeledSet, eval_set, repeat_to, semi_split
+from diffmatch.evaluate import evaluate_model, format_scores, pick_device
+from diffmatch.files import InputError, atomic_path, write_json
+from diffmatch.model import build_model, param_groups
+from diffmatch.step import compute_losses, to_device
+
+
+# ----------------------------------------------------------------------------- data (§3.1)
+class Loaders(NamedTuple):
+    """Labelled batches ``x``, unlabelled batches ``u`` and a second stream ``u2`` of CutMix content
+    (the unlabelled loaders are None for the supervised baseline)."""
+
+    x: DataLoader
+    u: DataLoader | None
+    u2: DataLoader | None
+
+
+def make_loaders(args: TrainArgs, labeled: list[str], unlabeled: list[str], rank: int, world: int) -> Loaders:
+    """One epoch is a pass over the unlabelled set, the labelled ids repeated to match (over the
+    labelled set for ``supervised``); each process sees its own shard of every epoch."""
+    wants_pseudo = args.method == "diffmatch" and (args.loss.vl_guidance or args.loss.seg_guidance)
+    pseudo_dir = args.data.pseudo_dir if wants_pseudo else None
+    common = {"crop_size": args.data.crop_size, "augment_cfg": args.augment, "pseudo_dir": pseudo_dir}
+
+    def loader(dataset: torch.utils.data.Dataset, stream: int) -> DataLoader:
+        if len(dataset) < args.batch_size * world:
+            raise InputError(f"only {len(dataset)} training pairs for --batch-size {args.batch_size} on {world} "
+                             "process(es); lower --batch-size or add data")
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=args.seed + 1000 * stream, drop_last=True)
+        return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                          drop_last=True, pin_memory=torch.cuda.is_available())
+
+    if args.method == "supervised":
+        return Loaders(loader(LabeledSet(args.data.root, labeled, seed=args.seed, **common), 0), None, None)
+    if not unlabeled:
+        raise InputError(f"--label-ratio {args.label_ratio} leaves no unlabelled pairs for {args.method}; "
+                         "lower it or use --method supervised")
+    u_root = args.data.unlabeled_root or args.data.root
+    x = LabeledSet(args.data.root, repeat_to(labeled, len(unlabeled)), seed=args.seed, **common)
+    u = UnlabeledSet(u_root, unlabeled, seed=args.seed + 1, **common)
+    u2 = UnlabeledSet(u_root, unlabeled, seed=args.seed + 2, **common)
+    return Loaders(loader(x, 0), loader(u, 1), loader(u2, 2))
+
+
+# ----------------------------------------------------------------------------- the run
+def setup_distributed(device_name: str | None) -> tuple[torch.device, int, int]:
+    """Device, rank and world size; under torchrun, joins the process group (NCCL on CUDA, else gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return device, 0, 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), world
+
+
+def check_args(args: TrainArgs) -> None:
+    """Reject values that cannot train, naming the flag."""
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
+                        ("--data.crop-size", args.data.crop_size), ("--log-every", args.log_every),
+                        ("--eval-every", args.eval_every)):
+        if value < 1:
+            raise InputError(f"{flag} {value}: must be at least 1")
+    if not 0 <= args.loss.tau <= 1:
+        raise InputError(f"--loss.tau {args.loss.tau}: must be in [0, 1]")
+    if args.num_workers < 0:
+        raise InputError(f"--num-workers {args.num_workers}: must be 0 or more")
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop records written after the checkpoint a resumed run starts from."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train(args: TrainArgs) -> dict[str, float]:
+    """Run training to the end and return the test scores of ``best.pt``."""
+    check_args(args)
+    device, rank, world = setup_distributed(args.device)
+    main_process = rank == 0
+    out = args.out_dir
+    if args.resume and not (out / "last.pt").exists():
+        raise InputError(f"{out / 'last.pt'}: nothing to resume; drop --resume to start a new run")
+    if not args.resume and (out / "last.pt").exists():
+        raise InputError(f"{out}: holds a run already; pass --resume to continue it or choose another --out-dir")
+    amp = args.amp and device.type == "cuda"
+    if args.amp and not amp and main_process:
+        print("note: --amp applies to CUDA only; training in float32")
+
+    split = semi_split(args.data, args.label_ratio, args.seed)
+    loaders = make_loaders(args, split.labeled, split.unlabeled, rank, world)
+    val_set = eval_set(args.data, args.data.val_split if args.select_on == "val" else args.data.test_split)
+    torch.manual_seed(args.seed)
+    net = build_model(args.model).to(device)
+    model: nn.Module = net
+    if world > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=args.method != "diffmatch" or not args.model.dual_head)
+    optimizer = torch.optim.SGD(param_groups(net, lr=args.optim.lr, decoder_lr_mult=args.optim.decoder_lr_mult,
+                                             weight_decay=args.optim.weight_decay),
+                                lr=args.optim.lr, momentum=args.optim.momentum)
+    iters_per_epoch = len(loaders.x)
+    total_iters = min(args.epochs * iters_per_epoch, args.max_iters or args.epochs * iters_per_epoch)
+
+    epoch, iteration, best = 0, 0, -1.0
+    if args.resume:
+        state = load_checkpoint(out / "last.pt", device)
+        load_state(net, state["model"], out / "last.pt")
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, iteration, best = state["epoch"], state["iteration"], state["best_score"]
+        torch.set_rng_state(state["rng"].cpu())
+        if main_process:
+            truncate_metrics(out / "metrics.jsonl", iteration)
+            print(f"resuming {out} at epoch {epoch}, iteration {iteration}")
+    elif main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", to_dict(args))
+        for name, ids in (("labeled", split.labeled), ("unlabeled", split.unlabeled)):
+            with atomic_path(out / f"{name}.txt") as tmp:
+                tmp.write_text("".join(i + "\n" for i in ids))
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if main_process:
+        print(f"{args.method}: {len(split.labeled)} labelled, {len(split.unlabeled)} unlabelled pairs; "
+              f"{iters_per_epoch} iterations/epoch, {total_iters} in all, on {device} x{world}")
+
+    start_time, start_iter = time.time(), iteration
+    while iteration < total_iters:
+        for loader in loaders:
+            if loader is not None:
+                loader.sampler.set_epoch(epoch)
+                loader.dataset.set_epoch(epoch)
+        streams = [loader if loader is not None else iter(lambda: None, 0) for loader in loaders]
+        model.train()
+        for x, u, u2 in zip(*streams, strict=False):
+            for group in optimizer.param_groups:
+                group["lr"] = losses.poly_lr(group["base_lr"], iteration, total_iters, args.optim.poly_power)
+            lambda_vl = losses.lambda_vl_at(iteration, total_iters, args.loss.lambda_vl)
+            x, u, u2 = to_device(x, device), to_device(u, device), to_device(u2, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                step = compute_losses(model, args.method, x, u, u2, args.loss, lambda_vl)
+            optimizer.zero_grad(set_to_none=True)
+            step.total.backward()
+            optimizer.step()
+            iteration += 1
+            if main_process and (iteration % args.log_every == 0 or iteration == total_iters):
+                terms = {k: round(float(v.detach()), 5) for k, v in step.terms._asdict().items()}
+                record = {"iteration": iteration, "epoch": epoch, "loss": round(float(step.total.detach()), 5),
+                          **{f"loss_{k}": v for k, v in terms.items()}, "lr": optimizer.param_groups[0]["lr"],
+                          "lambda_vl": lambda_vl, "confident": round(step.confident, 4)}
+                append_metrics(out / "metrics.jsonl", record)
+                rate = (iteration - start_iter) / max(time.time() - start_time, 1e-9)
+                print(f"epoch {epoch + 1}/{args.epochs} it {iteration}/{total_iters} loss {record['loss']:.4f} "
+                      f"(s {terms['s']:.3f} u {terms['u']:.3f} c {terms['c']:.3f} vl {terms['vl']:.3f}) "
+                      f"conf {step.confident:.0%} lr {record['lr']:.2e} | {rate * args.batch_size * world:.1f} "
+                      f"pairs/s, ETA {hms((total_iters - iteration) / max(rate, 1e-9))}", flush=True)
+            if iteration >= total_iters:
+                break
+        epoch += 1
+        if main_process:
+            if epoch % args.eval_every == 0 or iteration >= total_iters:
+                result = evaluate_model(net, val_set, device=device, tile=args.data.crop_size, amp=amp,
+                                        num_workers=min(args.num_workers, 2))
+                score = result.scores["iou"]
+                append_metrics(out / "metrics.jsonl", {"iteration": iteration, "epoch": epoch,
+                                                       f"{args.select_on}": result.scores})
+                print(format_scores(f"epoch {epoch} {args.select_on}", result.scores), flush=True)
+                if score > best:
+                    best = score
+                    save_checkpoint(out / "best.pt", model=net, args=args, epoch=epoch, iteration=iteration,
+                                    best_score=best)
+            save_checkpoint(out / "last.pt", model=net, args=args, epoch=epoch, iteration=iteration,
+                            best_score=best, optimizer=optimizer)
+        if world > 1:
+            dist.barrier()
+    return finish(args, net, device, amp, main_process, world)
+
+
+def finish(args: TrainArgs, net: nn.Module, device: torch.device, amp: bool, main_process: bool,
+           world: int) -> dict[str, float]:
+    """Evaluate ``best.pt`` on the test split, print and record the scores."""
+    scores: dict[str, float] = {}
+    if main_process:
+        best_path = args.out_dir / "best.pt"
+        load_state(net, load_checkpoint(best_path, device)["model"], best_path)
+        test_set = eval_set(args.data, args.data.test_split)
+        scores = evaluate_model(net, test_set, device=device, tile=args.data.crop_size, amp=amp).scores
+        write_json(args.out_dir / "test.json", {"checkpoint": str(best_path), "pairs": len(test_set), **scores})
+        print(format_scores(f"test of best.pt ({len(test_set)} pairs)", scores), flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return scores
+
+
+if __name__ == "__main__":
+    import tyro
+
+    from diffmatch.files import run_cli
+
+    run_cli(lambda: train(tyro.cli(TrainArgs)))

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_pair
+from PIL import Image
+
+from diffmatch import train as train_module
+from diffmatch.checkpoint import load_checkpoint
+from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs
+from diffmatch.files import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """14 pairs of 40x40 with CEG pseudo labels: train 10 (2 labelled at 20 %), val 2, test 2."""
+    root = tmp_path_factory.mktemp("train") / "data"
+    ids = [f"p{i:02d}" for i in range(14)]
+    for i, sample_id in enumerate(ids):
+        write_pair(root, sample_id, size=(40, 40), seed=i)
+        for folder, value in (("change", 1), ("A", 0), ("B", 1)):
+            mask = np.full((40, 40), 255, np.uint8)
+            mask[:20, :20], mask[20:, :] = value, 0
+            (root / "pseudo" / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root / "pseudo" / folder / f"{sample_id}.png")
+    (root / "list").mkdir()
+    for name, part in (("train", ids[:10]), ("val", ids[10:12]), ("test", ids[12:])):
+        (root / "list" / f"{name}.txt").write_text("\n".join(part) + "\n")
+    return root
+
+
+def tiny_args(root: Path, out: Path, **overrides: object) -> TrainArgs:
+    args = TrainArgs(data=DataConfig(root=root, crop_size=32), label_ratio=0.2, epochs=2, batch_size=2,
+                     model=ModelConfig(backbone="resnet18", decoder_channels=16), out_dir=out, num_workers=0,
+                     log_every=1, device="cpu", max_iters=None)
+    return replace(args, **overrides)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "diffmatch"])
+def test_each_method_trains_and_writes_its_files(data_root: Path, tmp_path: Path, method: str) -> None:
+    out = tmp_path / method
+    scores = train_module.train(tiny_args(data_root, out, method=method, epochs=4, max_iters=3))
+    assert {p.name for p in out.iterdir()} >= {"config.json", "labeled.txt", "unlabeled.txt", "metrics.jsonl",
+                                               "last.pt", "best.pt", "test.json"}
+    assert len((out / "labeled.txt").read_text().split()) == 2
+    steps = [r for r in records(out) if "loss" in r]
+    assert [r["iteration"] for r in steps] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in steps)
+    assert any("val" in r for r in records(out))
+    assert 0 <= scores["iou"] <= 100
+    if method == "diffmatch":
+        assert all(r["loss_c"] > 0 and r["loss_vl"] > 0 for r in steps)
+        assert steps[0]["lambda_vl"] == pytest.approx(0.1) and steps[-1]["lambda_vl"] < 0.1
+    else:
+        assert all(r["loss_c"] == 0 and r["loss_vl"] == 0 for r in steps)
+    if method == "supervised":
+        assert all(r["loss_u"] == 0 for r in steps)
+
+
+@pytest.mark.parametrize(
+    ("loss", "zero"),
+    [(LossConfig(tau=0.0, contrastive=False), {"loss_c"}),
+     (LossConfig(tau=0.0, vl_guidance=False, seg_guidance=False), {"loss_vl"})],
+)
+def test_ablation_switches_remove_their_terms(data_root: Path, tmp_path: Path, loss: LossConfig,
+                                              zero: set[str]) -> None:
+    out = tmp_path / "run"
+    train_module.train(tiny_args(data_root, out, loss=loss, max_iters=2))
+    for record in (r for r in records(out) if "loss" in r):
+        for key in ("loss_s", "loss_u", "loss_c", "loss_vl"):
+            assert (record[key] == 0) == (key in zero), (key, record)
+
+
+def test_resumed_run_ends_with_the_same_weights(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    straight = tmp_path / "straight"
+    train_module.train(tiny_args(data_root, straight))
+    killed = tmp_path / "killed"
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(path: Path, **kwargs: object) -> None:
+        real_save(path, **kwargs)
+        if path.name == "last.pt":
+            raise KeyboardInterrupt  # killed right after epoch 1 was saved
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(tiny_args(data_root, killed))
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train_module.train(tiny_args(data_root, killed, resume=True))
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert a["iteration"] == b["iteration"] == 8
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    steps = lambda out: [r["iteration"] for r in records(out) if "loss" in r]  # noqa: E731
+    assert steps(killed) == steps(straight) == list(range(1, 9))
+
+
+def test_run_folder_guards(data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="nothing to resume"):
+        train_module.train(tiny_args(data_root, tmp_path / "new", resume=True))
+    train_module.train(tiny_args(data_root, tmp_path / "old", method="supervised", max_iters=1))
+    with pytest.raises(InputError, match="holds a run already; pass --resume"):
+        train_module.train(tiny_args(data_root, tmp_path / "old", method="supervised", max_iters=1))
+
+
+def run_cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_bad_flags_and_missing_pseudo_labels_exit_2(data_root: Path, tmp_path: Path) -> None:
+    result = run_cli("diffmatch.train", "--data.root", str(data_root), "--label-ratio", "1.5")
+    assert result.returncode == 2 and "--label-ratio 1.5: must be in (0, 1]" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("diffmatch.train", "--data.root", str(data_root), "--method", "mean-teacher")
+    assert result.returncode == 2
+    bare = tmp_path / "bare"
+    for i in range(4):
+        write_pair(bare, f"q{i}", seed=i)
+    result = run_cli("diffmatch.train", "--data.root", str(bare), "--label-ratio", "0.5", "--batch-size", "1",
+                     "--out-dir", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert "pseudo/change: folder not found; run `python -m diffmatch.ceg --root" in result.stderr
+
+
+def test_two_process_gloo_run(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "diffmatch.train", "--data.root", str(data_root), "--label-ratio", "0.2", "--data.crop-size",
+         "32", "--batch-size", "2", "--epochs", "1", "--model.backbone", "resnet18", "--model.decoder-channels",
+         "16", "--num-workers", "0", "--device", "cpu", "--log-every", "1", "--out-dir", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "x2" in result.stdout and result.stdout.count("test of best.pt") == 1  # rank 0 alone logs
+    assert [r["iteration"] for r in records(out) if "loss" in r] == [1, 2]  # 8 unlabelled / (2 x 2)
+    assert (out / "best.pt").exists()
