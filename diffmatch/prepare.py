@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 import tyro
-from PIL import Image
 
 from diffmatch.files import IMAGE_EXTS, InputError, atomic_path, read_label, read_rgb, run_cli, write_png
+from diffmatch.pairs import KINDS, find_pairs, no_pixel_limit, pair_size
 
 TILE = 256
-KINDS = ("A", "B", "label")
 WHU_SIZES = {"train": 5947, "val": 743, "test": 744}  # published split of 7,434 tiles (METHOD §2)
 
 
@@ -115,13 +112,8 @@ class Progress:
         if now - self.shown >= 1.0 or self.done >= self.total:
             self.shown, rate = now, self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            line = f"{self.name}: {self.done}/{self.total} {self.unit}, {rate:.2f}/s, ETA {eta:.0f}s"
+            line = f"{self.name}: {self.done}/{self.total} {self.unit}, {rate:.3g}/s, ETA {eta:.0f}s"
             print(line, flush=True)
-
-
-def natural_key(name: str) -> list[int | str]:
-    """Sort key that orders ``train_2`` before ``train_10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def cut(array: np.ndarray, row: int, col: int, tile: int) -> np.ndarray:
@@ -159,50 +151,6 @@ def write_list(out: Path, name: str, ids: list[str]) -> None:
         tmp.write_text("".join(f"{i}.png\n" for i in ids))
 
 
-def images_in(folder: Path) -> dict[str, Path]:
-    """Image files of a folder by name without extension; two files with one name are an error."""
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.suffix.lower() in IMAGE_EXTS and not path.name.startswith("."):
-            if path.stem in found:
-                raise InputError(f"{path}: same name as {found[path.stem].name}; keep one of the two")
-            found[path.stem] = path
-    return found
-
-
-def find_pairs(root: Path, need_label: bool) -> list[dict[str, Path]]:
-    """``{A, B[, label]} -> file`` for every image of ``root/A``, in natural name order."""
-    for kind in KINDS if need_label else ("A", "B"):
-        if not (root / kind).is_dir():
-            raise InputError(f"{root / kind}: folder not found; {root} must hold A/, B/ and label/")
-    found = {kind: images_in(root / kind) for kind in KINDS}
-    if not found["A"]:
-        raise InputError(f"{root / 'A'}: no images found ({', '.join(IMAGE_EXTS)})")
-    for stem, path in found["A"].items():
-        for kind in KINDS if need_label else ("B",):
-            if stem not in found[kind]:
-                raise InputError(f"{path}: no {kind} image named {stem}.* in {root / kind}")
-    return [{kind: found[kind][stem] for kind in KINDS if stem in found[kind]}
-            for stem in sorted(found["A"], key=natural_key)]
-
-
-def check_sizes(sources: dict[str, Path]) -> tuple[tuple[int, int], str | None]:
-    """(height, width) of the first image from the file headers, and a message naming the files if
-    their sizes differ."""
-    sizes = {}
-    for path in sources.values():
-        if not path.is_file():
-            raise InputError(f"{path}: file not found")
-        try:
-            with Image.open(path) as image:
-                sizes[path] = image.height, image.width
-        except Exception as err:  # PIL raises many types for broken files
-            raise InputError(f"{path}: cannot read image ({err}); re-export it as PNG") from None
-    named = ", ".join(f"{path} is {w}x{h}" for path, (h, w) in sizes.items())
-    error = f"image sizes differ: {named}; crop them to one size" if len(set(sizes.values())) > 1 else None
-    return next(iter(sizes.values())), error
-
-
 def prepare_levir(args: LevirArgs) -> dict[str, list[str]]:
     """Cut every scene of every split into 4x4 tiles; return the tile ids of each split."""
     scenes = {split: find_pairs(args.src / split, need_label=True) for split in args.splits}
@@ -211,9 +159,7 @@ def prepare_levir(args: LevirArgs) -> dict[str, list[str]]:
     for split, pairs in scenes.items():
         lists[split] = []
         for sources in pairs:
-            (height, width), error = check_sizes(sources)
-            if error:
-                raise InputError(error)
+            height, width = pair_size(sources)
             if height % TILE or width % TILE:
                 raise InputError(f"{sources['A']}: {width}x{height} is not a multiple of {TILE}; "
                                  "use `prepare folder` for scenes of other sizes")
@@ -223,17 +169,6 @@ def prepare_levir(args: LevirArgs) -> dict[str, list[str]]:
             progress.step()
         write_list(args.out, split, lists[split])
     return lists
-
-
-@contextmanager
-def no_pixel_limit() -> Iterator[None]:
-    """Lift PIL's decompression-bomb limit for the WHU-CD images (~500 M pixels), then restore it."""
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
 
 
 def find_whu(args: WhuArgs) -> dict[str, Path]:
@@ -271,9 +206,7 @@ def prepare_whu(args: WhuArgs) -> dict[str, list[str]]:
     sources = find_whu(args)
     given = read_split(args.split_dir) if args.split_dir is not None else None
     with no_pixel_limit():
-        (height, width), error = check_sizes(sources)
-        if error:
-            raise InputError(error)
+        height, width = pair_size(sources)
         rows, cols = height // TILE, width // TILE
         if rows * cols == 0:
             raise InputError(f"{sources['A']}: {width}x{height} is smaller than one {TILE}x{TILE} tile")
@@ -288,10 +221,9 @@ def prepare_whu(args: WhuArgs) -> dict[str, list[str]]:
                              f"the {len(flat)} tiles cut; check the images or drop --split-dir")
         lists = given
     else:
-        order, start, lists = np.random.default_rng(args.seed).permutation(len(flat)), 0, {}
-        for split, size in split_sizes(len(flat)).items():
-            lists[split] = [flat[k] for k in sorted(order[start : start + size])]
-            start += size
+        sizes = split_sizes(len(flat))
+        parts = np.split(np.random.default_rng(args.seed).permutation(len(flat)), np.cumsum([*sizes.values()])[:-1])
+        lists = {split: [flat[k] for k in sorted(part)] for split, part in zip(sizes, parts, strict=True)}
     for split, ids_ in lists.items():
         write_list(args.out, split, ids_)
     return lists
@@ -314,15 +246,12 @@ def prepare_folder(args: FolderArgs) -> dict[str, list[str]]:
     lists: dict[str, list[str]] = {args.list_name: [], "unlabeled": []}
     progress = Progress("folder", len(pairs), "pairs")
     for sources in pairs:
-        (height, width), error = check_sizes(sources)
-        if error and args.mismatch == "error":
-            raise InputError(f"{error} (or pass --mismatch skip)")
-        if error:
-            print(f"skipped: {error}", flush=True)
+        size = pair_size(sources, args.mismatch == "skip", hint=" (or pass --mismatch skip)")
+        if size is None:
             progress.step()
             continue
         extra = args.tile - 1 if args.border == "pad" else 0  # pad: round the grid up
-        rows, cols = (height + extra) // args.tile, (width + extra) // args.tile
+        rows, cols = (size[0] + extra) // args.tile, (size[1] + extra) // args.tile
         stem = sources["A"].stem
         ids = [[f"{stem}_{r}_{c}" for c in range(cols)] for r in range(rows)]
         name = args.list_name if "label" in sources else "unlabeled"
@@ -340,9 +269,7 @@ def main(args: LevirArgs | WhuArgs | FolderArgs) -> dict[str, list[str]]:
         return prepare_whu(args)
     if not args.src.is_dir():
         raise InputError(f"{args.src}: folder not found; pass the data set folder as --src")
-    if isinstance(args, LevirArgs):
-        return prepare_levir(args)
-    return prepare_folder(args)
+    return prepare_levir(args) if isinstance(args, LevirArgs) else prepare_folder(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,187 @@
+"""Change maps for new image pairs of any size with a trained checkpoint.
+
+    python -m diffmatch.predict --checkpoint best.pt --a pre.png --b post.png --out change.png
+    python -m diffmatch.predict --checkpoint best.pt --src scenes --out maps
+
+One pair (``--a``, ``--b``) writes the mask to ``--out``; a folder (``--src`` with ``A/`` and ``B/``,
+files paired by name without extension, any of ``files.IMAGE_EXTS``) writes ``OUT/<id>.png`` per pair
+and skips pairs whose outputs exist unless ``--overwrite``. Masks are 0/255 PNGs. ``--probability``
+adds ``<id>_prob.png``, the change probability as an 8-bit grey PNG (round(255 p)); ``--overlay`` adds
+``<id>_overlay.png``, the post-event image with changed pixels tinted red. Pairs larger than the tile
+are predicted with overlapping windows whose logits are averaged (``inference.change_margin``): the
+model only ever sees a batch of windows, and a pair costs about 14 bytes a pixel on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffmatch.checkpoint import model_from_checkpoint
+from diffmatch.evaluate import pick_device
+from diffmatch.files import InputError, read_rgb, write_png
+from diffmatch.inference import change_margin, model_device, window_grid
+from diffmatch.pairs import find_pairs, no_pixel_limit, pair_size
+from diffmatch.prepare import Progress
+
+WINDOW_PROGRESS = 64
+"""Pairs of more windows than this also show a progress line over their windows."""
+TINT = 0.5
+"""Share of red in the overlay's changed pixels."""
+
+
+@dataclass
+class Args:
+    """Predict change masks for one image pair or a folder of pairs with a trained checkpoint."""
+
+    checkpoint: Path
+    """``best.pt`` or ``last.pt`` of a training run."""
+    out: Path
+    """The mask file (``.png``) for ``--a``/``--b``, or the output folder for ``--src``."""
+    a: Path | None = None
+    """Pre-event image of one pair (with ``--b``)."""
+    b: Path | None = None
+    """Post-event image of one pair (with ``--a``)."""
+    src: Path | None = None
+    """Folder with ``A/`` and ``B/`` images paired by name without extension (instead of ``--a``/``--b``)."""
+    tile: int | None = None
+    """Sliding-window size; default the checkpoint's training crop size."""
+    overlap: int | None = None
+    """Overlap of neighbouring windows in pixels; default a quarter of the window."""
+    batch_size: int = 8
+    """Windows per forward pass: this, not the image size, bounds the memory in the model."""
+    device: str | None = None
+    """``cpu``, ``cuda`` or ``cuda:N``; None: cuda when available."""
+    amp: bool = False
+    """bf16 autocast on CUDA."""
+    threshold: float = 0.5
+    """A pixel is changed where its change probability exceeds this; 0.5 is the argmax."""
+    probability: bool = False
+    """Also write ``<id>_prob.png``: the change probability as 8-bit grey, round(255 p)."""
+    overlay: bool = False
+    """Also write ``<id>_overlay.png``: the post-event image with changed pixels tinted red."""
+    overwrite: bool = False
+    """Folder mode: predict pairs whose outputs already exist (default: skip them)."""
+
+
+def output_paths(mask: Path, probability: bool, overlay: bool) -> list[Path]:
+    """The mask path, then ``<stem>_prob.png`` and ``<stem>_overlay.png`` beside it when asked for."""
+    extra = [name for name, wanted in (("prob", probability), ("overlay", overlay)) if wanted]
+    return [mask, *(mask.with_name(f"{mask.stem}_{name}.png") for name in extra)]
+
+
+def margin_threshold(threshold: float) -> float:
+    """The change-minus-no-change logit above which the change probability exceeds ``threshold``."""
+    if not 0 < threshold < 1:
+        raise InputError(f"--threshold {threshold}: must be between 0 and 1 (exclusive)")
+    return math.log(threshold / (1 - threshold))
+
+
+def change_mask(margin: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """uint8 0/255 mask of the pixels whose change probability exceeds ``threshold``."""
+    return np.where(margin > margin_threshold(threshold), np.uint8(255), np.uint8(0))
+
+
+def probability_image(margin: np.ndarray) -> np.ndarray:
+    """The change probability sigmoid(margin) as uint8, round(255 p)."""
+    return np.rint(torch.sigmoid(torch.from_numpy(margin)).mul_(255).numpy()).astype(np.uint8)
+
+
+def overlay_image(image: np.ndarray, mask: np.ndarray, tint: float = TINT) -> np.ndarray:
+    """(H, W, 3) uint8 ``image`` with the pixels where ``mask`` is set blended towards red by ``tint``."""
+    out = image.copy()
+    changed = mask > 0
+    red = np.array([255, 0, 0], np.float32)
+    out[changed] = np.rint(image[changed] * (1 - tint) + red * tint).astype(np.uint8)
+    return out
+
+
+def as_batch(image: np.ndarray) -> torch.Tensor:
+    """A uint8 (H, W, 3) array as a (1, 3, H, W) uint8 tensor sharing its memory (read, never written,
+    so a read-only array is used as is rather than copied)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
+
+
+def predict_margin(model: nn.Module, a: np.ndarray, b: np.ndarray, *, tile: int, overlap: int,
+                   batch_size: int = 8, amp: bool = False, name: str = "pair") -> np.ndarray:
+    """(H, W) float32 change-minus-no-change logits of a uint8 (H, W, 3) pair, averaged over windows.
+
+    The pair stays on the CPU as uint8; only window batches go to the model's device. A pair of more
+    than ``WINDOW_PROGRESS`` windows prints a progress line named ``name`` over its windows.
+    """
+    count = len(window_grid(a.shape[0], a.shape[1], tile, overlap))
+    progress = Progress(name, count, "windows") if count > WINDOW_PROGRESS else None
+    device = model_device(model)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        margin = change_margin(model, as_batch(a), as_batch(b), tile=tile, overlap=overlap,
+                               batch_size=batch_size, on_batch=progress.step if progress else None)
+    return margin[0].numpy()
+
+
+def pairs_of(args: Args) -> dict[str, tuple[Path, Path, Path]]:
+    """``id -> (A file, B file, mask path)`` of the pair or of every pair in the folder."""
+    if args.src is not None:
+        if args.a is not None or args.b is not None:
+            raise InputError("--src: give either --src or --a and --b, not both")
+        if not args.src.is_dir():
+            raise InputError(f"{args.src}: folder not found; pass a folder holding A/ and B/ as --src")
+        found = find_pairs(args.src, need_label=False)
+        return {s["A"].stem: (s["A"], s["B"], args.out / f"{s['A'].stem}.png") for s in found}
+    if args.a is None or args.b is None:
+        raise InputError("--a/--b: give both images of the pair (or a folder of pairs as --src)")
+    for path in (args.a, args.b):
+        if not path.is_file():
+            raise InputError(f"{path}: file not found")
+    if args.out.suffix.lower() != ".png":
+        raise InputError(f"--out {args.out}: the mask of one pair is a .png file; name it e.g. change.png")
+    return {args.out.stem: (args.a, args.b, args.out)}
+
+
+def main(args: Args) -> list[Path]:
+    """Predict every pair whose outputs are missing (or all, with ``--overwrite`` or one pair); return
+    the masks written."""
+    margin_threshold(args.threshold)
+    pairs = pairs_of(args)
+    device = pick_device(args.device)
+    model, train_args = model_from_checkpoint(args.checkpoint, device)
+    tile = train_args.data.crop_size if args.tile is None else args.tile
+    overlap = tile // 4 if args.overlap is None else args.overlap
+    if tile < 1 or not 0 <= overlap < tile:
+        raise InputError(f"--tile {tile} --overlap {overlap}: need tile >= 1 and 0 <= overlap < tile")
+    resume = args.src is not None and not args.overwrite
+    progress, written = Progress("predict", len(pairs), "pairs"), []
+    for pair_id, (path_a, path_b, mask_path) in pairs.items():
+        outputs = output_paths(mask_path, args.probability, args.overlay)
+        if resume and all(p.is_file() for p in outputs):
+            progress.step()
+            continue
+        with no_pixel_limit():  # large scenes are expected here; the window batch bounds the model's memory
+            pair_size({"A": path_a, "B": path_b})
+            a, b = read_rgb(path_a), read_rgb(path_b)
+        margin = predict_margin(model, a, b, tile=tile, overlap=overlap, batch_size=args.batch_size,
+                                amp=args.amp, name=pair_id)
+        mask = change_mask(margin, args.threshold)
+        write_png(outputs[0], mask)
+        if args.probability:
+            write_png(outputs[1], probability_image(margin))
+        if args.overlay:
+            write_png(outputs[-1], overlay_image(b, mask))
+        written.append(mask_path)
+        progress.step()
+    return written
+
+
+if __name__ == "__main__":
+    import tyro
+
+    from diffmatch.files import run_cli
+
+    run_cli(lambda: main(tyro.cli(Args)))

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffmatch.augment import image_to_tensor
+from diffmatch.checkpoint import model_from_checkpoint, save_checkpoint
+from diffmatch.config import DataConfig, ModelConfig, TrainArgs
+from diffmatch.files import InputError
+from diffmatch.predict import Args, change_mask, main, overlay_image, probability_image
+
+ROOT = Path(__file__).resolve().parents[1]
+CROP = 96
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared, busy CPU more threads make these small convolutions slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ResNet-18 network with random weights, saved as a training run would save it."""
+    from diffmatch.model import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="resnet18", decoder_channels=16)
+    args = TrainArgs(data=DataConfig(root=Path("data"), crop_size=CROP), model=config, device="cpu")
+    path = tmp_path_factory.mktemp("run") / "best.pt"
+    save_checkpoint(path, model=build_model(config), args=args, epoch=1, iteration=1, best_score=0.0)
+    return path
+
+
+def save(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def pair(root: Path, name: str, size: tuple[int, int], seed: int = 0, ext: str = ".png") -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed)
+    return tuple(save(root / folder / f"{name}{ext}", rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+                 for folder in ("A", "B"))
+
+
+def read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def margin_by_hand(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, tile: int) -> np.ndarray:
+    """Run the model on each tile x tile crop of the pair and put the margins together."""
+    out = np.zeros(a.shape[:2], np.float32)
+    with torch.no_grad():
+        for y in range(0, a.shape[0], tile):
+            for x in range(0, a.shape[1], tile):
+                crops = [image_to_tensor(Image.fromarray(im[y : y + tile, x : x + tile]))[None] for im in (a, b)]
+                logits = model(*crops, change_only=True).change[0]
+                out[y : y + tile, x : x + tile] = (logits[1] - logits[0]).numpy()
+    return out
+
+
+def test_exact_tiles_match_the_model_on_each_crop(checkpoint: Path, tmp_path: Path) -> None:
+    path_a, path_b = pair(tmp_path, "big", (700, 1100))
+    out = tmp_path / "change.png"
+    main(Args(checkpoint=checkpoint, a=path_a, b=path_b, out=out, tile=100, overlap=0, batch_size=16,
+              probability=True, overlay=True))
+    model, _ = model_from_checkpoint(checkpoint)
+    expected = margin_by_hand(model, read(path_a), read(path_b), tile=100)
+    sure = np.abs(expected) > 1e-3  # a pixel on the decision boundary may round either way
+    assert 0 < (expected > 0).mean() < 1
+    assert np.array_equal(read(out)[sure], np.where(expected > 0, 255, 0)[sure])
+    prob = read(tmp_path / "change_prob.png").astype(int)
+    assert np.abs(prob - np.rint(255 / (1 + np.exp(-expected)))).max() <= 1
+    assert read(tmp_path / "change_overlay.png").shape == (700, 1100, 3)
+
+
+def test_pair_smaller_than_one_tile(checkpoint: Path, tmp_path: Path) -> None:
+    path_a, path_b = pair(tmp_path, "small", (50, 70), ext=".jpg")
+    out = tmp_path / "small.png"
+    main(Args(checkpoint=checkpoint, a=path_a, b=path_b, out=out))  # tile: the checkpoint's crop, 96
+    model, _ = model_from_checkpoint(checkpoint)
+    with torch.no_grad():
+        logits = model(*(image_to_tensor(Image.open(p).convert("RGB"))[None] for p in (path_a, path_b)),
+                       change_only=True).change[0]
+    expected = (logits[1] - logits[0]).numpy()
+    sure = np.abs(expected) > 1e-3
+    assert read(out).shape == (50, 70)
+    assert set(np.unique(read(out))) <= {0, 255}
+    assert np.array_equal(read(out)[sure], np.where(expected > 0, 255, 0)[sure])
+
+
+def test_threshold_probability_and_overlay_values() -> None:
+    margin = np.array([[-2.0, 0.0, 1e-6], [np.log(3) - 1e-4, np.log(3) + 1e-4, 10.0]], np.float32)
+    assert change_mask(margin).tolist() == [[0, 0, 255], [255, 255, 255]]  # 0.5: margin > 0, the argmax
+    assert change_mask(margin, 0.75).tolist() == [[0, 0, 0], [0, 255, 255]]  # p > 0.75 <=> margin > ln 3
+    assert probability_image(margin).tolist() == [[30, 128, 128], [191, 191, 255]]
+    image = np.full((2, 3, 3), 100, np.uint8)
+    tinted = overlay_image(image, change_mask(margin))
+    assert tinted[0, 0].tolist() == [100, 100, 100] and tinted[0, 2].tolist() == [178, 50, 50]
+    with pytest.raises(InputError, match="--threshold 1"):
+        change_mask(margin, 1.0)
+
+
+def test_folder_mode_resumes_and_overwrites(checkpoint: Path, tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    pair(src, "x1", (40, 150), seed=1)  # two windows of 96 overlapping by 42
+    pair(src, "x2", (80, 30), seed=2, ext=".tif")
+    args = Args(checkpoint=checkpoint, src=src, out=out, overlap=16, probability=True)
+    assert main(args) == [out / "x1.png", out / "x2.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["x1.png", "x1_prob.png", "x2.png", "x2_prob.png"]
+    assert read(out / "x2.png").shape == (80, 30) and read(out / "x2_prob.png").shape == (80, 30)
+    first = read(out / "x1.png")
+    assert main(args) == []  # everything exists: nothing is read again
+    (out / "x2_prob.png").unlink()
+    assert main(args) == [out / "x2.png"]
+    assert main(Args(**{**vars(args), "overwrite": True})) == [out / "x1.png", out / "x2.png"]
+    assert np.array_equal(read(out / "x1.png"), first)
+    assert main(Args(**{**vars(args), "overlay": True})) == [out / "x1.png", out / "x2.png"]
+    assert read(out / "x1_overlay.png").shape == (40, 150, 3)
+
+
+def test_bad_input_is_a_clear_error(checkpoint: Path, tmp_path: Path) -> None:
+    path_a, _ = pair(tmp_path / "one", "p", (30, 40))
+    other = save(tmp_path / "other.png", np.zeros((30, 41, 3), np.uint8))
+    with pytest.raises(InputError, match=r"p.png is 40x30, .*other.png is 41x30"):
+        main(Args(checkpoint=checkpoint, a=path_a, b=other, out=tmp_path / "c.png"))
+    with pytest.raises(InputError, match="nope.pt: checkpoint not found"):
+        main(Args(checkpoint=tmp_path / "nope.pt", a=path_a, b=path_a, out=tmp_path / "c.png"))
+    save(tmp_path / "src" / "A" / "lonely.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "src" / "B").mkdir()
+    with pytest.raises(InputError, match="A/lonely.png: no B image named lonely"):
+        main(Args(checkpoint=checkpoint, src=tmp_path / "src", out=tmp_path / "out"))
+    (tmp_path / "src" / "A" / "lonely.png").unlink()
+    with pytest.raises(InputError, match="no images found"):
+        main(Args(checkpoint=checkpoint, src=tmp_path / "src", out=tmp_path / "out"))
+    with pytest.raises(InputError, match="--a/--b"):
+        main(Args(checkpoint=checkpoint, a=path_a, out=tmp_path / "c.png"))
+    with pytest.raises(InputError, match="--overlap 96"):
+        main(Args(checkpoint=checkpoint, a=path_a, b=path_a, out=tmp_path / "c.png", overlap=96))
+
+
+def test_cli_exits_2_on_bad_input(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.png"
+    cmd = [sys.executable, "-m", "diffmatch.predict", "--checkpoint", str(tmp_path / "best.pt"),
+           "--a", str(missing), "--b", str(missing), "--out", str(tmp_path / "c.png")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {missing}: file not found"]
