@@ -32,6 +32,7 @@ from PIL import Image
 
 from diffmatch.ceg import IGNORE, generate
 from diffmatch.config import CEGConfig
+from diffmatch.data import read_id_list
 from diffmatch.files import IMAGE_EXTS, InputError, read_label, write_json, write_png
 from diffmatch.metrics import Confusion, confusion, scores
 from diffmatch.vlm import InstanceSource, concepts, list_ids, read_vlm
@@ -124,10 +125,7 @@ def _ids(args: Args) -> list[str]:
         raise InputError(f"{args.root / 'vlm'}: no VLM outputs in vlm/A and vlm/B; run the VLM on both "
                          "dates first (see the README)")
     if args.split is not None:
-        list_file = args.root / "list" / f"{args.split}.txt"
-        if not list_file.is_file():
-            raise InputError(f"{list_file}: split list not found; write one id per line or drop --split")
-        wanted = {Path(line.strip()).stem for line in list_file.read_text().splitlines() if line.strip()}
+        wanted = set(read_id_list(args.root / "list" / f"{args.split}.txt"))
         ids_a, ids_b = ids_a & wanted, ids_b & wanted
     for missing, folder in ((sorted(ids_a - ids_b), folder_b), (sorted(ids_b - ids_a), folder_a)):
         if missing:

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -28,15 +26,6 @@ class WindowIndex(nn.Module):
         self.seen += n
         self.batches.append(n)
         return ModelOutput(torch.cat([torch.zeros(n, 1, h, w), k.expand(n, 1, h, w)], dim=1))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared, busy CPU more threads make these small convolutions slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
