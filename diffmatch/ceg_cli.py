@@ -19,6 +19,7 @@ dates at γ, and "ratio" is their share. Every row is computed whatever ``--mode
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import time
 from collections.abc import Iterator
@@ -160,7 +161,8 @@ def _run(jobs: list[_Job], workers: int) -> Iterator[PairStats]:
     if workers <= 1:
         yield from map(_process, jobs)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    # Spawned, not forked: a forked copy of a process whose torch threads have run can hang.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         yield from pool.map(_process, jobs, chunksize=max(1, min(32, len(jobs) // (8 * workers))))
 
 

@@ -25,18 +25,21 @@ def confusion(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor
               valid: np.ndarray | torch.Tensor | None = None) -> Confusion:
     """Counts of binary ``pred`` against binary ``target``; pixels outside ``valid`` (or where
     ``target`` is 255) are left out."""
-    pred_t = torch.as_tensor(pred).bool()
-    target_t = torch.as_tensor(target)
-    keep = target_t != 255
+    pred_a, target_a = _numpy(pred).astype(bool), _numpy(target)
+    keep = target_a != 255
     if valid is not None:
-        keep &= torch.as_tensor(valid).bool()
-    truth = target_t.bool() & keep
-    pred_t = pred_t & keep
-    tp = int((pred_t & truth).sum())
-    fp = int(pred_t.sum()) - tp
-    fn = int(truth.sum()) - tp
-    tn = int(keep.sum()) - tp - fp - fn
+        keep &= _numpy(valid).astype(bool)
+    truth = (target_a == 1) & keep
+    pred_a &= keep
+    tp = np.count_nonzero(pred_a & truth)
+    fp = np.count_nonzero(pred_a) - tp
+    fn = np.count_nonzero(truth) - tp
+    tn = np.count_nonzero(keep) - tp - fp - fn
     return Confusion(tp, fp, fn, tn)
+
+
+def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _ratio(num: float, den: float) -> float:
