@@ -31,10 +31,10 @@ def confusion(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor
         keep &= _numpy(valid).astype(bool)
     truth = (target_a == 1) & keep
     pred_a &= keep
-    tp = np.count_nonzero(pred_a & truth)
-    fp = np.count_nonzero(pred_a) - tp
-    fn = np.count_nonzero(truth) - tp
-    tn = np.count_nonzero(keep) - tp - fp - fn
+    tp = int(np.count_nonzero(pred_a & truth))  # Python ints: scores end up in checkpoints and JSON
+    fp = int(np.count_nonzero(pred_a)) - tp
+    fn = int(np.count_nonzero(truth)) - tp
+    tn = int(np.count_nonzero(keep)) - tp - fp - fn
     return Confusion(tp, fp, fn, tn)
 
 
