@@ -1,0 +1,167 @@
+"""Benchmarks on tiny sizes: every figure positive and finite, the derived figures consistent with the
+measured ones, the table's layout, the JSON report, and the exit code on bad flags."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffmatch import bench, synthetic
+from diffmatch.config import ModelConfig
+from diffmatch.files import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ModelConfig(backbone="resnet18", decoder_channels=16)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """One torch thread: timings on a shared CPU stay seconds, not minutes of contended spinning."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def numbers(value: object) -> list[float]:
+    """Every int and float inside nested dicts and lists."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in numbers(v)]
+    return [float(value)] if isinstance(value, int | float) and not isinstance(value, bool) else []
+
+
+def assert_positive_finite(value: object) -> None:
+    found = numbers(value)
+    assert found and all(math.isfinite(n) and n > 0 for n in found), found
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], dict]:
+    """Six synthetic 64 px pairs, with the CEG benchmark run on them (it writes the labels the others read)."""
+    root = tmp_path_factory.mktemp("bench") / "synthetic"
+    synthetic.generate(root, num_pairs=6, size=64, verbose=False)
+    return root, [synthetic.pair_id(i) for i in range(6)], bench.bench_ceg(root, workers=(1, 2))
+
+
+def test_ceg(data: tuple[Path, list[str], dict]) -> None:
+    root, ids, result = data
+    assert_positive_finite(result)
+    assert result["pairs"] == 6 and set(result["run_pairs_per_s"]) == set(result["run_vs_read"]) == {"1", "2"}
+    for workers, rate in result["run_pairs_per_s"].items():  # time ratio = inverse rate ratio
+        assert result["run_vs_read"][workers] == pytest.approx(result["read_pairs_per_s"] / rate)
+    for folder in ("change", "A", "B"):
+        assert sorted(p.stem for p in (root / bench.PSEUDO / folder).glob("*.png")) == ids
+
+
+def test_pipeline(data: tuple[Path, list[str], dict]) -> None:
+    root, ids, _ = data
+    result = bench.bench_pipeline(root, ids, crop=32, batch_size=2, workers=(0, 2), samples=4)
+    assert_positive_finite(result)
+    assert result["samples"] == 4 and set(result["samples_per_s"]) == {"0", "2"}
+    assert result["per_worker"]["0"] == result["samples_per_s"]["0"]
+    assert result["per_worker"]["2"] == pytest.approx(result["samples_per_s"]["2"] / 2)
+
+
+@pytest.mark.parametrize("method", ["diffmatch", "fixmatch", "supervised"])
+def test_train(data: tuple[Path, list[str], dict], method: str) -> None:
+    root, ids, _ = data
+    result = bench.bench_train(root, ids, method=method, model_cfg=TINY, crop=32, batch_size=2, device=CPU,
+                               warmup=1, iters=2)
+    assert_positive_finite({k: v for k, v in result.items() if k not in ("method", "peak_memory_kind")})
+    assert result["method"] == method and result["peak_memory_kind"]
+    assert list(result["ms"]) == ["data", "forward", "backward", "step", "iteration"]
+    phases = [result["ms"][k] for k in ("data", "forward", "backward", "step")]
+    # Two timed iterations: the median is the mean, so the iteration's median is the sum of the phases'.
+    assert result["ms"]["iteration"]["median"] == pytest.approx(sum(p["median"] for p in phases))
+    assert result["ms"]["iteration"]["min"] >= sum(p["min"] for p in phases) * (1 - 1e-9)
+    compute = result["ms"]["forward"]["median"] + result["ms"]["backward"]["median"]
+    assert result["vs_bare"] == pytest.approx(compute / result["bare_ms"]["median"])
+
+
+def test_inference() -> None:
+    result = bench.bench_inference(TINY, crop=32, batch_size=2, device=CPU, warmup=1, iters=2)
+    assert_positive_finite(result)
+    assert result["pairs_per_s"] == pytest.approx(2 * 1000 / result["ms"]["median"])
+    assert result["ms"]["min"] <= result["ms"]["median"]
+
+
+def test_durations_drops_the_warmup_calls() -> None:
+    calls = []
+    times = bench.durations(lambda: calls.append(1), warmup=2, iters=3, device=CPU, amp=False)
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+    assert bench.ms([0.003, 0.001, 0.002]) == pytest.approx({"median": 2.0, "min": 1.0})
+
+
+def test_format_table_by_hand() -> None:
+    results = {"ceg": {"pairs": 4, "read_pairs_per_s": 10.0, "compute_pairs_per_s": 5.0,
+                       "run_pairs_per_s": {"2": 2.5}, "run_vs_read": {"2": 4.0}},
+               "inference": {"batch_size": 2, "crop": 32, "ms": {"median": 12.5, "min": 10.0}, "pairs_per_s": 160.0}}
+    lines = bench.format_table(results).splitlines()
+    assert lines[0].split() == ["benchmark", "measure", "value", "unit", "note"]
+    assert lines[2].endswith("5.0  pairs/s  2.0x read")  # reading is twice as fast as compute
+    assert lines[3].endswith("2.5  pairs/s  4.0x read")
+    assert lines[4].split() == ["inference", "change_logits", "160.0", "pairs/s", "12.5", "ms", "per", "batch",
+                                "of", "2"]
+    assert len({line.index("pairs/s") for line in lines[1:]}) == 1  # columns aligned, values to the right
+
+
+def small_args(root: Path, out: Path, **changes: object) -> bench.Args:
+    return bench.Args(**{"backbone": "resnet18", "crop": 32, "batch_size": 2, "warmup": 0, "iters": 1,
+                         "device": "cpu", "data": root, "ceg_workers": (1,), "loader_workers": (0,),
+                         "methods": ("supervised",), "out": out, **changes})
+
+
+def test_main_writes_json_and_table(data: tuple[Path, list[str], dict], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report" / "bench.json"
+    returned = bench.main(small_args(data[0], out))
+    report = json.loads(out.read_text())
+    assert report == json.loads(json.dumps(returned)) and set(report) == {"machine", "settings", "results"}
+    assert {"device", "name", "cpu_count", "torch", "torch_threads"} <= set(report["machine"])
+    assert report["machine"]["device"] == "cpu" and report["machine"]["torch_threads"] == 1
+    assert report["settings"]["crop"] == 32 and report["settings"]["amp_used"] is False
+    results = report["results"]
+    assert list(results) == ["ceg", "data", "train", "inference"]
+    assert [t["method"] for t in results["train"]] == ["supervised"]
+    assert_positive_finite(results["inference"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["benchmark", "measure", "value", "unit", "note"]
+    assert len(lines) == 1 + 3 + 1 + 7 + 1  # header; ceg, data, train and inference rows
+
+
+def test_main_writes_missing_labels_before_the_data_part(data: tuple[Path, list[str], dict], tmp_path: Path) -> None:
+    root, ids, _ = data
+    label = root / bench.PSEUDO / "change" / f"{ids[0]}.png"
+    label.unlink()
+    report = bench.main(small_args(root, tmp_path / "bench.json", parts=("data",)))
+    assert list(report["results"]) == ["data"] and label.is_file()
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"batch_size": 0}, "--batch-size 0: must be at least 1"),
+    ({"loader_workers": (0, -1)}, "--loader-workers -1: must be at least 0"),
+    ({"ceg_workers": (0,)}, "--ceg-workers 0: must be at least 1"),
+    ({"data": Path("/nonexistent/data")}, "/nonexistent/data/vlm: not found"),
+])
+def test_bad_args_are_input_errors(changes: dict, message: str, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=message):
+        bench.main(bench.Args(out=tmp_path / "bench.json", **changes))
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_cli_bad_flag_exits_2(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "diffmatch.bench", "--batch-size", "0", "--out",
+                             str(tmp_path / "bench.json")], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and "--batch-size 0: must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "bench.json").exists()
