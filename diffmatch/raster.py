@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 _CARS = np.array([[230, 230, 230], [30, 30, 34], [150, 30, 30], [120, 124, 130], [40, 50, 90], [200, 200, 190]],
-                 np.float32)  # fmt: skip
+                 np.float32)
 
 
 def smooth_noise(rng: np.random.Generator, n: int, cells: float) -> np.ndarray:
@@ -26,7 +26,7 @@ def grow(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def tree_crowns(rng: np.random.Generator, n: int, count: int, free: np.ndarray, keepout: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Tree crowns (bool) and their shading (0..1) from clustered seeds on the free ground."""
     density = smooth_noise(rng, n, 4) + 1.2
     ys, xs = rng.integers(0, n, (2, count * 3))

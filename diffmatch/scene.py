@@ -89,7 +89,7 @@ _STYLES = (
 _ROOFS = np.array(
     [[112, 112, 114], [92, 94, 98], [132, 132, 130], [118, 110, 102], [100, 102, 106], [146, 142, 136],
      [80, 80, 84], [124, 116, 108]], dtype=np.float32,
-)  # fmt: skip
+)
 _FLAT_ROOFS = np.array([[215, 215, 212], [190, 192, 196], [160, 164, 168], [130, 134, 140]], np.float32)
 
 
@@ -134,21 +134,21 @@ def _layout(rng: np.random.Generator, n: int, style: _Style, theta: float) -> tu
                 cx, cy = n / 2 + uc * cos - vc * sin, n / 2 + uc * sin + vc * cos
                 if -depth_max < cx < n + depth_max and -depth_max < cy < n + depth_max:
                     lots.append(_new_lot(rng, style, cy, cx, theta + math.atan(slope), length, depth,
-                                         side, setback))  # fmt: skip
+                                         side, setback))
     if cross is not None:
         roads |= np.abs(uu - cross) < width / 2
     return roads, lots
 
 
 def _new_lot(rng: np.random.Generator, style: _Style, cy: float, cx: float, angle: float, length: float,
-             depth: float, side: int, setback: float) -> _Lot:  # fmt: skip
+             depth: float, side: int, setback: float) -> _Lot:
     """A building centred at (cy, cx); local u runs along the street, the street lies at -side * v."""
     parts = [(0.0, 0.0, length / 2, depth / 2, True)]
     if rng.random() < (0.2 if style.large else 0.35):  # L-shape: a wing at one end, across the ridge
         wing_u, wing_v = length * rng.uniform(0.3, 0.5), depth * rng.uniform(0.3, 0.6)
         end = rng.choice((-1, 1))
         parts.append((end * (length - wing_u) / 2, side * (depth + wing_v) / 2 - side, wing_u / 2,
-                      wing_v / 2 + 1, False))  # fmt: skip
+                      wing_v / 2 + 1, False))
     drive = None
     if not style.large and setback > 4:
         dw = rng.uniform(2.5, 4)
@@ -178,7 +178,7 @@ def _inside(u: np.ndarray, v: np.ndarray, rect: tuple[float, ...]) -> np.ndarray
 
 
 def _footprints(lots: list[_Lot], frames: list, n: int, date: int, sun: tuple[float, float], tex: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Instance map, roof colours, cast-shadow mask and paved-drive mask of one date on the canvas."""
     ids = np.zeros((n, n), np.int32)
     roofs = np.zeros((n, n, 3), np.float32)

@@ -80,11 +80,11 @@ def _record(mask: np.ndarray, category: int, score: float, image_id: str) -> dic
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     box = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
     return {"image_id": image_id, "category_id": category, "category_name": CLASSES[category],
-            "score": round(float(score), 4), "segmentation": encode_mask(mask), "bbox": box}  # fmt: skip
+            "score": round(float(score), 4), "segmentation": encode_mask(mask), "bbox": box}
 
 
 def _instances(rng: np.random.Generator, view: scene.DateView, kinds: list[int], noise: float
-               ) -> list[tuple[np.ndarray, tuple[slice, slice], int, float]]:  # fmt: skip
+               ) -> list[tuple[np.ndarray, tuple[slice, slice], int, float]]:
     """Detected building masks (full size, with their window), category and score: the VLM's failures."""
     shape = h, w = view.instances.shape
     found = []
@@ -129,7 +129,7 @@ def _instances(rng: np.random.Generator, view: scene.DateView, kinds: list[int],
 
 
 def simulate_vlm(rng: np.random.Generator, view: scene.DateView, kinds: list[int], noise: float,
-                 image_id: str) -> tuple[np.ndarray, list[dict]]:  # fmt: skip
+                 image_id: str) -> tuple[np.ndarray, list[dict]]:
     """Per-class probabilities (C, H, W) float16 and COCO records of one date, mutually consistent."""
     h, w = view.cover.shape
     found = _instances(rng, view, kinds, noise)
@@ -168,7 +168,7 @@ def simulate_vlm(rng: np.random.Generator, view: scene.DateView, kinds: list[int
 
 
 def make_pair(index: int, *, seed: int = 0, size: int = 256, change_density: float = 0.5,
-              vlm_noise: float = 1.0) -> SyntheticPair:  # fmt: skip
+              vlm_noise: float = 1.0) -> SyntheticPair:
     """Pair ``index`` of the data set of ``seed``; the VLM's randomness is separate from the scene's."""
     drawn = scene.draw_pair(np.random.default_rng([seed, index, 0]), size, change_density)
     image_id = f"{pair_id(index)}.png"
@@ -214,14 +214,14 @@ def _write_pair(job: tuple[Path, int, dict, tuple[str, ...]]) -> int:
 def generate(out: Path, *, num_pairs: int = 200, size: int = 256, val_fraction: float = 0.1,
              test_fraction: float = 0.2, change_density: float = 0.5, vlm_noise: float = 1.0,
              vlm_kinds: tuple[VLMKind, ...] = ("npy", "json"), seed: int = 0, workers: int = 1,
-             overwrite: bool = False, verbose: bool = True) -> None:  # fmt: skip
+             overwrite: bool = False, verbose: bool = True) -> None:
     """Write the data set (see ``Args`` for the options); pairs already complete are kept."""
     if num_pairs < 1 or size < 32 or seed < 0 or workers < 1:
         raise InputError(f"num_pairs={num_pairs}, size={size}, seed={seed}, workers={workers}: need "
-                         "num_pairs >= 1, size >= 32, seed >= 0 and workers >= 1")  # fmt: skip
+                         "num_pairs >= 1, size >= 32, seed >= 0 and workers >= 1")
     if min(val_fraction, test_fraction) < 0 or val_fraction + test_fraction >= 1:
         raise InputError(f"val_fraction={val_fraction}, test_fraction={test_fraction}: need shares >= 0 "
-                         "that sum to less than 1")  # fmt: skip
+                         "that sum to less than 1")
     bad = [k for k in vlm_kinds if k not in ("npy", "json", "png")]
     if bad:
         raise InputError(f"vlm_kinds {bad}: choose among npy, json, png")
@@ -240,7 +240,7 @@ def generate(out: Path, *, num_pairs: int = 200, size: int = 256, val_fraction: 
             if verbose and (now - last > 2 or done == len(jobs)):
                 rate = done / max(now - start, 1e-9)
                 print(f"  {done}/{len(jobs)} pairs  {rate:.1f} pairs/s  ETA {(len(jobs) - done) / rate:.0f} s",
-                      flush=True)  # fmt: skip
+                      flush=True)
                 last = now
     finally:
         if pool:
@@ -257,7 +257,7 @@ def generate(out: Path, *, num_pairs: int = 200, size: int = 256, val_fraction: 
 def main(args: Args) -> None:
     generate(args.out, num_pairs=args.num_pairs, size=args.size, val_fraction=args.val_fraction,
              test_fraction=args.test_fraction, change_density=args.change_density, vlm_noise=args.vlm_noise,
-             vlm_kinds=args.vlm_kinds, seed=args.seed, workers=args.workers, overwrite=args.overwrite)  # fmt: skip
+             vlm_kinds=args.vlm_kinds, seed=args.seed, workers=args.workers, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":
