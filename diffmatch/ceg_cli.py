@@ -33,8 +33,7 @@ from PIL import Image
 
 from diffmatch.ceg import IGNORE, generate
 from diffmatch.config import CEGConfig
-from diffmatch.data import read_id_list
-from diffmatch.files import IMAGE_EXTS, InputError, read_label, write_json, write_png
+from diffmatch.files import IMAGE_EXTS, InputError, read_id_list, read_label, write_json, write_png
 from diffmatch.metrics import Confusion, confusion, scores
 from diffmatch.vlm import InstanceSource, concepts, list_ids, read_vlm
 

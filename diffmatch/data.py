@@ -18,26 +18,12 @@ from torch.utils.data import Dataset
 
 from diffmatch import augment
 from diffmatch.config import AugmentConfig, DataConfig
-from diffmatch.files import IMAGE_EXTS, InputError, read_label, read_mask, read_rgb
+from diffmatch.files import IMAGE_EXTS, InputError, read_id_list, read_label, read_mask, read_rgb
 
 IGNORE = augment.IGNORE
 
 
 # ----------------------------------------------------------------------------- ids and splits
-def read_id_list(path: Path) -> list[str]:
-    """Ids of a list file, one per line, with or without an image extension."""
-    if not path.is_file():
-        raise InputError(f"{path}: list file not found; check the path or the split folder")
-    ids = []
-    for line in path.read_text().splitlines():
-        name = line.strip()
-        if name:
-            ids.append(name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_EXTS else name)
-    if not ids:
-        raise InputError(f"{path}: the list is empty; it needs one id per line")
-    return ids
-
-
 def list_ids(root: Path, split: str) -> list[str]:
     """Ids of ``split`` from ``root/list/<split>.txt``; without a ``list/`` folder, every image in
     ``root/A`` (sorted)."""

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from diffmatch import ceg_cli, synthetic
 from diffmatch.config import DataConfig, ModelConfig, TrainArgs
-from diffmatch.data import read_id_list
-from diffmatch.files import InputError, write_json
+from diffmatch.files import InputError, read_id_list, write_json
 from diffmatch.train import train
 
 METHODS = ("supervised", "fixmatch", "diffmatch")

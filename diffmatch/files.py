@@ -1,4 +1,4 @@
-"""Reading images and masks, writing files atomically, and the error users see on bad input."""
+"""Reading images, masks and id lists, writing files atomically, and the error users see on bad input."""
 
 from __future__ import annotations
 
@@ -46,6 +46,20 @@ def _open(path: Path) -> Image.Image:
     except Exception as err:  # PIL raises many types for broken files
         raise InputError(f"{path}: cannot read image ({err}); re-export it as PNG") from None
     return image
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Ids of a list file, one per line, with or without an image extension."""
+    if not path.is_file():
+        raise InputError(f"{path}: list file not found; check the path or the split folder")
+    ids = []
+    for line in path.read_text().splitlines():
+        name = line.strip()
+        if name:
+            ids.append(name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in IMAGE_EXTS else name)
+    if not ids:
+        raise InputError(f"{path}: the list is empty; it needs one id per line")
+    return ids
 
 
 def read_rgb(path: Path) -> np.ndarray:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # numpy only at run time, so CEG's worker processes start without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ def confusion(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor
 
 
 def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def _ratio(num: float, den: float) -> float:
