@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from scipy import sparse
 
 from diffmatch.config import CEGConfig
 from diffmatch.vlm import Concepts, VLMOutput
@@ -55,15 +56,22 @@ def pixel_change(seg_a: np.ndarray, seg_b: np.ndarray) -> np.ndarray:
     return (seg_a != seg_b).astype(np.uint8)
 
 
+def _sparse_masks(masks: np.ndarray) -> sparse.csr_array:
+    """(K, H*W) float32 CSR matrix of (K, H, W) bool masks, 1 on their pixels in column-major order
+    (a copy-free flattening of masks stored column-major per instance, as ``diffmatch.vlm`` reads them)."""
+    pixels = int(np.prod(masks.shape[1:]))
+    on = np.flatnonzero(masks.transpose(0, 2, 1).reshape(len(masks), pixels))
+    row_starts = np.searchsorted(on, np.arange(len(masks) + 1) * pixels)
+    return sparse.csr_array((np.ones(on.size, np.float32), on % pixels, row_starts), shape=(len(masks), pixels))
+
+
 def instance_iou(inst_a: np.ndarray, inst_b: np.ndarray) -> np.ndarray:
     """(M, N) IoU matrix T between (M, H, W) and (N, H, W) bool instance masks (Eq. 8–9); 0 for an
     empty union."""
-    pixels = int(np.prod(inst_a.shape[1:]))
-    flat_a = inst_a.reshape(len(inst_a), pixels).astype(np.float32)
-    flat_b = inst_b.reshape(len(inst_b), pixels).astype(np.float32)
-    inter = flat_a @ flat_b.T  # exact: counts stay far below 2**24
-    area_a = np.array([np.count_nonzero(m) for m in inst_a], dtype=np.float32)
-    area_b = np.array([np.count_nonzero(m) for m in inst_b], dtype=np.float32)
+    sparse_a, sparse_b = _sparse_masks(inst_a), _sparse_masks(inst_b)
+    inter = (sparse_a @ sparse_b.T).toarray()  # exact: counts stay far below 2**24
+    area_a = np.diff(sparse_a.indptr).astype(np.float32)
+    area_b = np.diff(sparse_b.indptr).astype(np.float32)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
@@ -75,7 +83,7 @@ def instance_change(inst_a: np.ndarray, inst_b: np.ndarray, delta: float = 0.0) 
     iou = instance_iou(inst_a, inst_b)
     events_a = inst_a[iou.sum(1) <= delta].any(0)  # (H, W) all False when there is no event
     events_b = inst_b[iou.sum(0) <= delta].any(0)
-    return (events_a | events_b).astype(np.uint8)
+    return (events_a | events_b).astype(np.uint8, order="C")
 
 
 def mixed_change(pixel: np.ndarray, instance: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -50,24 +50,23 @@ def encode_counts(counts: list[int]) -> str:
 def decode_counts(text: str) -> list[int]:
     """Decompress COCO's RLE string into run lengths; raises ValueError on a malformed string."""
     counts: list[int] = []
-    pos = 0
-    while pos < len(text):
-        x, shift, more = 0, 0, True
-        while more:
-            if pos >= len(text):
-                raise ValueError("RLE string ends inside a number")
-            c = ord(text[pos]) - 48
-            if not 0 <= c < 64:
-                raise ValueError(f"RLE string has an invalid character {text[pos]!r}")
-            x |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            pos += 1
-            shift += 5
-            if not more and c & 0x10:
-                x |= -1 << shift
+    x = shift = 0  # the number being read and the bit position of its next 5-bit group
+    for pos, c in enumerate(map(ord, text)):
+        c -= 48
+        if not 0 <= c < 64:
+            raise ValueError(f"RLE string has an invalid character {text[pos]!r}")
+        x |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:  # continuation bit: more groups follow
+            continue
+        if c & 0x10:  # sign bit of the last group
+            x |= -1 << shift
         if len(counts) > 2:
             x += counts[-2]
         counts.append(x)
+        x = shift = 0
+    if shift:
+        raise ValueError("RLE string ends inside a number")
     return counts
 
 

@@ -44,7 +44,7 @@ class VLMOutput(NamedTuple):
     probs: np.ndarray
     """(C, H, W) float32 per-class probabilities, in prompt order."""
     instances: np.ndarray
-    """(K, H, W) bool foreground instance masks."""
+    """(K, H, W) bool foreground instance masks, each stored column-major (the order of COCO RLE)."""
     instance_classes: np.ndarray
     """(K,) int64 prompt index of each instance (-1 for connected components)."""
 
@@ -139,6 +139,7 @@ def read_instances(path: Path, num_classes: int, size: tuple[int, int] | None,
         raise InputError(f"{path}: cannot read JSON ({err}); re-export the VLM output") from None
     if not isinstance(records, list):
         raise InputError(f"{path}: expected a list of COCO result records; re-export the VLM output")
+    wanted = None if keep is None else set(keep.tolist())
     masks, classes, scores = [], [], []
     for i, rec in enumerate(records):
         where = f"{path}: record {i}"
@@ -155,7 +156,7 @@ def read_instances(path: Path, num_classes: int, size: tuple[int, int] | None,
             raise InputError(f"{where}: mask size {height}x{width} differs from the image's "
                              f"{size[0]}x{size[1]}; run the VLM on the original image")
         size = (height, width)
-        if keep is not None and k not in keep:
+        if wanted is not None and k not in wanted:
             continue
         try:
             masks.append(decode_mask(seg))
@@ -163,10 +164,12 @@ def read_instances(path: Path, num_classes: int, size: tuple[int, int] | None,
             raise InputError(f"{where}: bad RLE ({err}); re-export the VLM output") from None
         classes.append(k)
         scores.append(float(rec.get("score", 1.0)))
-    stacked = np.empty((len(masks), *size) if size is not None else (0, 0, 0), dtype=bool)
+    height, width = size if size is not None else (0, 0)
+    stacked = np.empty((len(masks), width, height), dtype=bool)
     for i, mask in enumerate(masks):
-        stacked[i] = mask  # row-major copies of the column-major RLE masks: fast flattening later
-    return JSONInstances(stacked, np.array(classes, dtype=np.int64), np.array(scores, dtype=np.float32))
+        stacked[i] = mask.T  # a plain copy: each (H, W) mask stays column-major, as its RLE
+    return JSONInstances(stacked.transpose(0, 2, 1), np.array(classes, dtype=np.int64),
+                         np.array(scores, dtype=np.float32))
 
 
 def probs_from_instances(inst: JSONInstances, num_classes: int, size: tuple[int, int]) -> np.ndarray:
@@ -181,7 +184,7 @@ def components(mask: np.ndarray, connectivity: int) -> np.ndarray:
     """(K, H, W) bool connected components of a bool (H, W) mask (4- or 8-connectivity)."""
     structure = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
     labels, count = ndimage.label(mask, structure=structure)
-    return labels[None] == np.arange(1, count + 1)[:, None, None]
+    return (labels.T[None] == np.arange(1, count + 1)[:, None, None]).transpose(0, 2, 1)  # column-major
 
 
 def read_vlm(folder: Path, image_id: str, cfg: CEGConfig, instances: InstanceSource = "auto",
@@ -217,6 +220,8 @@ def read_vlm(folder: Path, image_id: str, cfg: CEGConfig, instances: InstanceSou
         inst = read_instances(files.json, num_classes, size, keep=fg_idx)
     if use_json:
         keep = np.isin(inst.classes, fg_idx)  # only foreground instances take part (§3.2.3)
+        if keep.all():  # always when read with keep=fg_idx: no copy of the masks
+            return VLMOutput(probs, inst.masks, inst.classes)
         return VLMOutput(probs, inst.masks[keep], inst.classes[keep])
     fg_mask = probs[fg_idx].max(0) >= probs[bg_idx].max(0)  # I_t, Eq. 4-5
     masks = components(fg_mask, cfg.connectivity)

@@ -102,6 +102,21 @@ def test_empty_instance_sets() -> None:
     assert instance_change(empty(), empty()).tolist() == [[0, 0, 0], [0, 0, 0]]
 
 
+
+def test_instance_iou_matches_dense_counts_in_any_memory_layout() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.random((5, 7, 9)) < 0.3, rng.random((4, 7, 9)) < 0.3
+    a[2] = False  # an empty instance: IoU 0 against every other
+    inter = np.einsum("mhw,nhw->mn", a.astype(int), b.astype(int))
+    union = a.sum((1, 2))[:, None] + b.sum((1, 2))[None, :] - inter
+    expected = np.divide(inter, union, out=np.zeros(inter.shape), where=union > 0).astype(np.float32)
+    column_major = np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1)  # as vlm reads RLE
+    for masks_a in (a, column_major):
+        iou = instance_iou(masks_a, b)
+        assert iou.dtype == np.float32 and np.array_equal(iou, expected)
+    assert instance_change(column_major, b).flags.c_contiguous
+
+
 # --- Eq. 11 and the whole pair ----------------------------------------------------------------------
 
 

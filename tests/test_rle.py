@@ -71,3 +71,8 @@ def test_runs_not_filling_the_mask() -> None:
         decode_mask({"size": [3, 3], "counts": [3, 2, 2, 1]})
     with pytest.raises(ValueError):
         counts_to_mask([10, -1], 3, 3)
+
+
+def test_long_and_negative_deltas_round_trip() -> None:
+    counts = [0, 70000, 3, 1, 40000, 2, 5, 123456789, 1]  # deltas to the run two before go negative
+    assert decode_counts(encode_counts(counts)) == counts
