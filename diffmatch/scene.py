@@ -86,10 +86,8 @@ _STYLES = (
     _Style(0.1, (12, 18), (10, 22), (40, 95), (28, 55), (10, 30), 0.8, True, 0.3, (10, 60)),
     _Style(0.18, (7, 10), (12, 30), (14, 30), (12, 24), (60, 160), 0.15, False, 0.5, (0, 400)),
 )
-_ROOFS = np.array(
-    [[112, 112, 114], [92, 94, 98], [132, 132, 130], [118, 110, 102], [100, 102, 106], [146, 142, 136],
-     [80, 80, 84], [124, 116, 108]], dtype=np.float32,
-)
+_ROOFS = np.array([[112, 112, 114], [92, 94, 98], [132, 132, 130], [118, 110, 102], [100, 102, 106],
+                   [146, 142, 136], [80, 80, 84], [124, 116, 108]], np.float32)
 _FLAT_ROOFS = np.array([[215, 215, 212], [190, 192, 196], [160, 164, 168], [130, 134, 140]], np.float32)
 
 
@@ -99,7 +97,7 @@ def _uni(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
 
 def _layout(rng: np.random.Generator, n: int, style: _Style, theta: float) -> tuple[np.ndarray, list[_Lot]]:
     """Streets (canvas mask) and building lots along both sides of them, in a frame rotated by theta."""
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) - n / 2
+    yy, xx = (grid.astype(np.float32) - n / 2 for grid in np.ogrid[0:n, 0:n])
     cos, sin = math.cos(theta), math.sin(theta)
     uu, vv = xx * cos + yy * sin, -xx * sin + yy * cos
     width, setback = _uni(rng, style.road), _uni(rng, style.setback)
@@ -110,7 +108,7 @@ def _layout(rng: np.random.Generator, n: int, style: _Style, theta: float) -> tu
     amp = rng.uniform(4, 22) if rng.random() < 0.3 else 0.0
     wave, phase = rng.uniform(160, 320), rng.uniform(0, 2 * math.pi)
     offset = rng.uniform(-spacing / 2, spacing / 2)
-    bend = amp * np.sin(uu * (2 * math.pi / wave) + phase)
+    bend = amp * np.sin(uu * (2 * math.pi / wave) + phase) if amp else 0.0
     roads = np.zeros((n, n), bool)
     lots: list[_Lot] = []
     cross = rng.uniform(-n / 3, n / 3) if rng.random() < 0.35 else None
@@ -128,9 +126,8 @@ def _layout(rng: np.random.Generator, n: int, style: _Style, theta: float) -> tu
                 if rng.random() > style.occupied or (cross is not None and abs(uc - cross) < width + length):
                     continue
                 slope = amp * 2 * math.pi / wave * math.cos(uc / wave * 2 * math.pi + phase)
-                vc = base + amp * math.sin(uc / wave * 2 * math.pi + phase) + side * (
-                    width / 2 + setback + depth / 2
-                )
+                vc = (base + amp * math.sin(uc / wave * 2 * math.pi + phase)
+                      + side * (width / 2 + setback + depth / 2))
                 cx, cy = n / 2 + uc * cos - vc * sin, n / 2 + uc * sin + vc * cos
                 if -depth_max < cx < n + depth_max and -depth_max < cy < n + depth_max:
                     lots.append(_new_lot(rng, style, cy, cx, theta + math.atan(slope), length, depth,
@@ -177,44 +174,46 @@ def _inside(u: np.ndarray, v: np.ndarray, rect: tuple[float, ...]) -> np.ndarray
     return (np.abs(u - rect[0]) <= rect[2]) & (np.abs(v - rect[1]) <= rect[3])
 
 
-def _footprints(lots: list[_Lot], frames: list, n: int, date: int, sun: tuple[float, float], tex: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Instance map, roof colours, cast-shadow mask and paved-drive mask of one date on the canvas."""
-    ids = np.zeros((n, n), np.int32)
-    roofs = np.zeros((n, n, 3), np.float32)
-    shadow = np.zeros((n, n), bool)
-    paved = np.zeros((n, n), bool)
-    sy, sx = sun
+def _footprints(lots: list[_Lot], frames: list, n: int, suns: list[tuple[float, float]], tex: np.ndarray
+                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Instance map, roof colours, cast-shadow mask and paved-drive mask of each date on the canvas."""
+    ids, roofs = np.zeros((2, n, n), np.int32), np.zeros((2, n, n, 3), np.float32)
+    shadow, paved = np.zeros((2, n, n), bool), np.zeros((2, n, n), bool)
     for index, (lot, (window, u, v)) in enumerate(zip(lots, frames, strict=True)):
-        built = lot.in_b if date else lot.in_a
-        if lot.drive is not None and (built or (date and lot.in_a)):  # a demolished lot keeps its drive
-            paved[window] |= _inside(u, v, lot.drive)
-        if not built:
-            continue
-        cos, sin = math.cos(lot.angle), math.sin(lot.angle)
-        su, sv = lot.height * (sx * cos + sy * sin), lot.height * (-sx * sin + sy * cos)
-        mask, cast = np.zeros(u.shape, bool), np.zeros(u.shape, bool)
-        shade = np.ones(u.shape, np.float32)
+        if lot.drive is not None and (lot.in_a or lot.in_b):  # a demolished lot keeps its drive
+            paved[0 if lot.in_a else 1 :, window[0], window[1]] |= _inside(u, v, lot.drive)
+        mask, facets = np.zeros(u.shape, bool), []  # the footprint is the same on both dates
         for part in lot.parts:
             inside = _inside(u, v, part) & ~mask
-            cast |= _inside(u - su, v - sv, part)
             if lot.large:  # flat roof with a darker parapet
-                edge = inside & ~ndimage.binary_erosion(inside)
-                shade[edge] = 0.8
+                facets.append((part, inside, inside & ~ndimage.binary_erosion(inside)))
             else:  # pitched: each facet lit by its slope to the sun (hip roof: four facets, gable: two)
                 along, across = (u - part[0], v - part[1]) if part[4] else (v - part[1], u - part[0])
                 half_along, half_across = (part[2], part[3]) if part[4] else (part[3], part[2])
-                sun_along, sun_across = (-su, -sv) if part[4] else (-sv, -su)
                 end = lot.hip & (half_along - np.abs(along) < half_across - np.abs(across))
-                light = np.where(end, np.sign(along) * sun_along, np.sign(across) * sun_across)
-                lit = 0.86 + 0.14 * light / max(lot.height, 1e-3)
-                lit = np.where(~end & (np.abs(across) < 0.7), 1.04, lit)  # ridge
-                shade[inside] = lit[inside]
+                ridge = ~end & (np.abs(across) < 0.7)
+                facets.append((part, inside, end, np.sign(along), np.sign(across), ridge))
             mask |= inside
-        ids[window][mask] = index + 1
-        roofs[window][mask] = (lot.roof[date][None, :] * shade[mask, None]) * (1 + 0.05 * tex[window][mask, None])
-        shadow[window] |= cast & ~mask
-    return ids, roofs, shadow & (ids == 0), paved
+        cos, sin = math.cos(lot.angle), math.sin(lot.angle)
+        tint = 1 + 0.05 * tex[window][mask, None]
+        for date in [d for d, built in enumerate((lot.in_a, lot.in_b)) if built]:
+            sy, sx = suns[date]
+            su, sv = lot.height * (sx * cos + sy * sin), lot.height * (-sx * sin + sy * cos)
+            cast, shade = np.zeros(u.shape, bool), np.ones(u.shape, np.float32)
+            for part, inside, *look in facets:
+                cast |= _inside(u - su, v - sv, part)
+                if lot.large:
+                    shade[look[0]] = 0.8
+                    continue
+                end, sign_along, sign_across, ridge = look
+                sun_along, sun_across = (-su, -sv) if part[4] else (-sv, -su)
+                light = np.where(end, sign_along * sun_along, sign_across * sun_across)
+                lit = np.where(ridge, 1.04, 0.86 + 0.14 * light / max(lot.height, 1e-3))
+                np.copyto(shade, lit, where=inside)
+            ids[date][window][mask] = index + 1
+            roofs[date][window][mask] = (lot.roof[date][None, :] * shade[mask, None]) * tint
+            shadow[date][window] |= cast & ~mask
+    return [(ids[d], roofs[d], shadow[d] & (ids[d] == 0), paved[d]) for d in (0, 1)]
 
 
 def _changes(rng: np.random.Generator, n: int, style: _Style, lots: list[_Lot], theta: float) -> np.ndarray:
@@ -229,7 +228,7 @@ def _changes(rng: np.random.Generator, n: int, style: _Style, lots: list[_Lot], 
             lots.append(lot)
     elif rng.random() < 0.55:  # a development: the zone is cleared ground in A, new houses in B
         psi = rng.uniform(0, 2 * math.pi)
-        yy, xx = np.mgrid[0:n, 0:n]
+        yy, xx = np.ogrid[0:n, 0:n]
         proj = xx * math.cos(psi) + yy * math.sin(psi)
         zone = proj > np.quantile(proj, rng.uniform(0.0, 0.7))
         for lot in lots:
@@ -237,10 +236,7 @@ def _changes(rng: np.random.Generator, n: int, style: _Style, lots: list[_Lot], 
                 lot.in_a = False
     else:  # a few single buildings
         for index in rng.choice(len(lots), size=min(len(lots), rng.integers(1, 5)), replace=False):
-            if rng.random() < 0.25:
-                lots[index].in_b = False
-            else:
-                lots[index].in_a = False
+            setattr(lots[index], "in_b" if rng.random() < 0.25 else "in_a", False)  # demolished or built
     return zone
 
 
@@ -268,7 +264,7 @@ def draw_pair(rng: np.random.Generator, size: int, change_density: float) -> Sce
     tone, mid = np.clip(smooth_noise(rng, n, 6), -2, 2)[..., None], smooth_noise(rng, n, 18)[..., None]
     fine = ndimage.gaussian_filter(rng.standard_normal((n, n), dtype=np.float32), 0.7) * 2.4
     psi, period = rng.uniform(0, math.pi), rng.uniform(3, 7)
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    yy, xx = (grid.astype(np.float32) for grid in np.ogrid[0:n, 0:n])
     stripes = np.sin((xx * math.cos(psi) + yy * math.sin(psi)) * (2 * math.pi / period))
     stripes = 1 + (stripes * ((smooth_noise(rng, n, 2) > 0) * 0.08 if rng.random() < 0.5 else 0.03))[..., None]
     azimuth = rng.uniform(0, 2 * math.pi)
@@ -278,9 +274,10 @@ def draw_pair(rng: np.random.Generator, size: int, change_density: float) -> Sce
     grass_tint = rng.normal(0, 5, 3).astype(np.float32)
     soil_col = _rgb(160, 152, 136) * rng.uniform(0.85, 1.1) + rng.normal(0, 5, 3).astype(np.float32)
     texture = 1 + 0.07 * mid + 0.06 * fine[..., None]
+    lift, tint = 1 + 0.08 * tone, _rgb(-6, 4, -2) * tone  # the same on both dates
     bare_ground = soil_col * stripes * texture
     frames = [_lot_frame(lot, n) for lot in lots]
-    drawn = [_footprints(lots, frames, n, d, (math.sin(suns[d]), math.cos(suns[d])), fine) for d in (0, 1)]
+    drawn = _footprints(lots, frames, n, [(math.sin(sun), math.cos(sun)) for sun in suns], fine)
     built = (drawn[0][0] > 0) | drawn[0][3] | (drawn[1][0] > 0) | drawn[1][3]
     free = ~(grow(built, 3) | roads | water | zone)
     crowns, blob = tree_crowns(rng, n, int(rng.integers(*style.trees)), free, grow(built, 1) | water)
@@ -294,8 +291,8 @@ def draw_pair(rng: np.random.Generator, size: int, change_density: float) -> Sce
         season, road_mask = seasons[date], roads if date else roads_a
         bare = soil | (demolished if date else zone)
         grass = _rgb(72, 90, 56) * (1 - season) + _rgb(146, 136, 98) * season + grass_tint
-        image = (grass * (1 + 0.08 * tone) + _rgb(-6, 4, -2) * tone) * texture
-        image[bare] = bare_ground[bare]
+        image = (grass * lift + tint) * texture
+        np.copyto(image, bare_ground, where=bare[..., None])
         image[water] = _rgb(42, 64, 72) * (1 + 0.05 * mid[water])
         concrete = paved & ~road_mask
         if not style.large:  # sidewalks
@@ -306,8 +303,8 @@ def draw_pair(rng: np.random.Generator, size: int, change_density: float) -> Sce
         image[crowns] = leaf * (0.65 + 0.55 * blob[crowns, None]) * (1 + 0.12 * fine[crowns, None])
         drop = (round(3 * math.sin(suns[date])), round(3 * math.cos(suns[date])))
         dark = (shadow | np.roll(crowns, drop, (0, 1)) & ~crowns) & (ids == 0)
-        image[dark] *= _rgb(0.46, 0.48, 0.56)
-        image[ids > 0] = roofs[ids > 0]
+        np.multiply(image, _rgb(0.46, 0.48, 0.56), out=image, where=dark[..., None])
+        np.copyto(image, roofs, where=(ids > 0)[..., None])
         paint_cars(rng, image, road_mask | concrete, theta)
         cover = np.full((n, n), GRASS, np.uint8)
         cover[bare | concrete] = SOIL

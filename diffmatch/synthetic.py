@@ -76,8 +76,10 @@ def _window(sl: tuple[slice, slice], pad: int, shape: tuple[int, int]) -> tuple[
     return tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(sl, shape, strict=True))
 
 
-def _record(mask: np.ndarray, category: int, score: float, image_id: str) -> dict:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+def _record(mask: np.ndarray, win: tuple[slice, slice], category: int, score: float, image_id: str) -> dict:
+    """A COCO record of ``mask`` (Fortran order: its RLE needs no copy), which lies within ``win``."""
+    local = mask[win]
+    rows, cols = np.flatnonzero(local.any(1)) + win[0].start, np.flatnonzero(local.any(0)) + win[1].start
     box = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
     return {"image_id": image_id, "category_id": category, "category_name": CLASSES[category],
             "score": round(float(score), 4), "segmentation": encode_mask(mask), "bbox": box}
@@ -90,7 +92,7 @@ def _instances(rng: np.random.Generator, view: scene.DateView, kinds: list[int],
     found = []
 
     def add(local: np.ndarray, win: tuple[slice, slice], category: int, score: float) -> None:
-        mask = np.zeros(shape, bool)
+        mask = np.zeros(shape, bool, order="F")
         mask[win] = local
         found.append((mask, win, category, score))
 
@@ -143,8 +145,9 @@ def simulate_vlm(rng: np.random.Generator, view: scene.DateView, kinds: list[int
     logits = np.zeros((len(CLASSES), h, w), np.float32)
     logits.reshape(len(CLASSES), -1)[cover.ravel(), np.arange(h * w)] = strength.ravel()
     bare = view.cover == scene.SOIL  # bare ground and paving: torn between road and grass
-    logits[scene.ROAD][bare] = logits[scene.GRASS][bare] = 0.55 * strength[bare]
-    logits[:, missed] *= 0.4
+    for code in (scene.ROAD, scene.GRASS):
+        np.copyto(logits[code], 0.55 * strength, where=bare)
+    np.multiply(logits, 0.4, out=logits, where=missed)
     for mask, win, category, score in sorted(found, key=lambda f: f[3]):
         block, local = logits[(slice(None), *win)], mask[win]
         value = strength[win][local] * (0.6 + 0.5 * score)
@@ -156,14 +159,18 @@ def simulate_vlm(rng: np.random.Generator, view: scene.DateView, kinds: list[int
     logits *= damp
     logits += rng.standard_normal((len(CLASSES), 1, 1), dtype=np.float32) * 0.3 * noise
     logits = ndimage.gaussian_filter(logits, (0, 0.8 + 0.7 * noise, 0.8 + 0.7 * noise), truncate=2)
-    logits = np.exp(logits - logits.max(0))
-    probs = (logits / logits.sum(0)).astype(np.float16)
-    records = [_record(m, c, s, image_id) for m, _win, c, s in found]
+    logits -= logits.max(0)  # a softmax over the classes, in place
+    np.exp(logits, out=logits)
+    logits /= logits.sum(0)
+    probs = logits.astype(np.float16)
+    records = [_record(m, win, c, s, image_id) for m, win, c, s in found]
     for code in (scene.WATER, scene.ROAD):  # APE also returns background things
         regions, count = ndimage.label(view.cover == code)
         sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
+        windows = ndimage.find_objects(regions)
         for region in np.flatnonzero(sizes > 0.01 * h * w)[:2]:
-            records.append(_record(regions == region + 1, code, rng.uniform(0.5, 0.95), image_id))
+            region_mask = np.equal(regions, region + 1, order="F")
+            records.append(_record(region_mask, windows[region], code, rng.uniform(0.5, 0.95), image_id))
     return probs, sorted(records, key=lambda r: -r["score"])
 
 

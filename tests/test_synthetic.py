@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffmatch import scene, synthetic
 from diffmatch.files import InputError
-from diffmatch.rle import decode_mask
+from diffmatch.rle import decode_mask, encode_mask
 
 SIZE = 64
 NUM = 12
@@ -153,3 +153,13 @@ def test_resume_skips_complete_pairs(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_bad_options(tmp_path: Path, options: dict) -> None:
     with pytest.raises(InputError):
         synthetic.generate(tmp_path, **{"num_pairs": 2, "size": 32, **options})
+
+
+def test_record_of_windowed_fortran_mask() -> None:
+    mask = np.zeros((6, 5), bool, order="F")
+    mask[2:4, 1] = mask[3, 2] = True  # column-major runs: 7 zeros, 2 ones, 3 zeros, 1 one, 17 zeros
+    record = synthetic._record(mask, (slice(1, 5), slice(0, 4)), 0, 0.71234, "x.png")
+    assert record["bbox"] == [1, 2, 2, 2]  # x, y, w, h
+    assert record["score"] == 0.7123 and record["category_name"] == "house"
+    assert np.array_equal(decode_mask(record["segmentation"]), mask)
+    assert record["segmentation"] == encode_mask(np.ascontiguousarray(mask))
