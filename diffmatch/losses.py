@@ -105,7 +105,7 @@ class LossTerms(NamedTuple):
     c: Tensor
     """L_c, contrastive consistency (Eq. 14): (labelled + strong view) / 2."""
     vl: Tensor
-    """L_vl, VLM guidance (§3.3, §3.5): the six CEG terms summed and divided by 6."""
+    """L_vl, VLM guidance (§3.3, §3.5): the mean of the CEG terms that are on (six by default)."""
 
 
 def total_loss(terms: LossTerms, *, lambda_c: float, lambda_vl: float) -> Tensor:

@@ -80,11 +80,18 @@ def guidance_term(out: ModelOutput, out_s: ModelOutput, x: LabeledSample, u: Unl
 
 
 class StepResult(NamedTuple):
-    """Loss terms of one step and the share of confident pseudo-label pixels."""
+    """Loss terms of one step and the share of confident pseudo-label pixels (a tensor, so that reading
+    it, and waiting for the device, happens only when it is logged)."""
 
     terms: LossTerms
     total: Tensor
-    confident: float
+    confident: Tensor
+
+
+def uses_every_parameter(method: Method, cfg: LossConfig, dual_head: bool) -> bool:
+    """Whether the losses of a step reach every parameter of the network (DistributedDataParallel needs
+    ``find_unused_parameters`` otherwise): the seg classifier needs seg guidance, ``w_vl`` CEG guidance."""
+    return method == "diffmatch" and cfg.seg_guidance and (cfg.vl_guidance or not dual_head)
 
 
 def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: UnlabeledSample | None,
@@ -93,7 +100,7 @@ def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: Unlabe
     if method == "supervised" or u is None or u2 is None:
         l_s = losses.supervised_ce(model(x.a, x.b, change_only=True).change, x.label)
         zero = losses.zero_like(l_s)
-        return StepResult(LossTerms(l_s, zero, zero, zero), l_s, 0.0)
+        return StepResult(LossTerms(l_s, zero, zero, zero), l_s, zero.detach())
     conf_mix, label_mix = mix_predictions(model, u2)
     a_s, b_s = cutmix(u.box, u.a_strong, u2.a_strong), cutmix(u.box, u.b_strong, u2.b_strong)
     change_only = method != "diffmatch"
@@ -112,7 +119,7 @@ def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: Unlabe
         l_vl = guidance_term(out, out_s, x, u, u2, cfg)
     terms = LossTerms(l_s, l_u, l_c, l_vl)
     total = losses.total_loss(terms, lambda_c=cfg.lambda_c, lambda_vl=lambda_vl)
-    confident = float(((conf >= cfg.tau) & valid).sum() / valid.sum().clamp(min=1))
+    confident = ((conf >= cfg.tau) & valid).sum() / valid.sum().clamp(min=1)
     return StepResult(terms, total, confident)
 
 

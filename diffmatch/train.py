@@ -27,7 +27,7 @@ from diffmatch.data import LabeledSet, UnlabeledSet, eval_set, repeat_to, semi_s
 from diffmatch.evaluate import evaluate_model, format_scores, pick_device
 from diffmatch.files import InputError, atomic_path, write_json
 from diffmatch.model import build_model, param_groups
-from diffmatch.step import compute_losses, to_device
+from diffmatch.step import compute_losses, to_device, uses_every_parameter
 
 
 # ----------------------------------------------------------------------------- data (§3.1)
@@ -40,7 +40,8 @@ class Loaders(NamedTuple):
     u2: DataLoader | None
 
 
-def make_loaders(args: TrainArgs, labeled: list[str], unlabeled: list[str], rank: int, world: int) -> Loaders:
+def make_loaders(args: TrainArgs, labeled: list[str], unlabeled: list[str], rank: int, world: int,
+                 pin_memory: bool = False) -> Loaders:
     """One epoch is a pass over the unlabelled set, the labelled ids repeated to match (over the
     labelled set for ``supervised``); each process sees its own shard of every epoch."""
     wants_pseudo = args.method == "diffmatch" and (args.loss.vl_guidance or args.loss.seg_guidance)
@@ -54,7 +55,7 @@ def make_loaders(args: TrainArgs, labeled: list[str], unlabeled: list[str], rank
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                      seed=args.seed + 1000 * stream, drop_last=True)
         return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                          drop_last=True, pin_memory=torch.cuda.is_available())
+                          drop_last=True, pin_memory=pin_memory)
 
     if args.method == "supervised":
         return Loaders(loader(LabeledSet(args.data.root, labeled, seed=args.seed, **common), 0), None, None)
@@ -97,6 +98,21 @@ def check_args(args: TrainArgs) -> None:
         raise InputError(f"--num-workers {args.num_workers}: must be 0 or more")
 
 
+RUN_FIELDS = ("data", "label_ratio", "method", "epochs", "batch_size", "augment", "model", "loss", "optim",
+              "seed", "max_iters")
+"""Settings a resumed run must share with its checkpoint (the rest, e.g. workers or device, may change)."""
+
+
+def check_same_run(saved: dict, args: TrainArgs, path: Path) -> None:
+    """Refuse to resume a checkpoint with settings that would change the data, schedule or losses."""
+    now = to_dict(args)
+    differ = [name for name in RUN_FIELDS if saved.get(name) != now.get(name)]
+    if differ:
+        flags = ", ".join("--" + name.replace("_", "-") for name in differ)
+        raise InputError(f"{path}: trained with other {flags}; resume with the run's own settings "
+                         f"(see {path.parent / 'config.json'})")
+
+
 def append_metrics(path: Path, record: dict) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -130,7 +146,7 @@ def train(args: TrainArgs) -> dict[str, float]:
         print("note: --amp applies to CUDA only; training in float32")
 
     split = semi_split(args.data, args.label_ratio, args.seed)
-    loaders = make_loaders(args, split.labeled, split.unlabeled, rank, world)
+    loaders = make_loaders(args, split.labeled, split.unlabeled, rank, world, pin_memory=device.type == "cuda")
     val_set = eval_set(args.data, args.data.val_split if args.select_on == "val" else args.data.test_split)
     torch.manual_seed(args.seed)
     net = build_model(args.model).to(device)
@@ -140,7 +156,7 @@ def train(args: TrainArgs) -> dict[str, float]:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=args.method != "diffmatch" or not args.model.dual_head)
+            find_unused_parameters=not uses_every_parameter(args.method, args.loss, args.model.dual_head))
     optimizer = torch.optim.SGD(param_groups(net, lr=args.optim.lr, decoder_lr_mult=args.optim.decoder_lr_mult,
                                              weight_decay=args.optim.weight_decay),
                                 lr=args.optim.lr, momentum=args.optim.momentum)
@@ -150,10 +166,13 @@ def train(args: TrainArgs) -> dict[str, float]:
     epoch, iteration, best = 0, 0, -1.0
     if args.resume:
         state = load_checkpoint(out / "last.pt", device)
+        check_same_run(state["config"], args, out / "last.pt")
         load_state(net, state["model"], out / "last.pt")
         optimizer.load_state_dict(state["optimizer"])
         epoch, iteration, best = state["epoch"], state["iteration"], state["best_score"]
         torch.set_rng_state(state["rng"].cpu())
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
         if main_process:
             truncate_metrics(out / "metrics.jsonl", iteration)
             print(f"resuming {out} at epoch {epoch}, iteration {iteration}")
@@ -191,12 +210,12 @@ def train(args: TrainArgs) -> dict[str, float]:
                 terms = {k: round(float(v.detach()), 5) for k, v in step.terms._asdict().items()}
                 record = {"iteration": iteration, "epoch": epoch, "loss": round(float(step.total.detach()), 5),
                           **{f"loss_{k}": v for k, v in terms.items()}, "lr": optimizer.param_groups[0]["lr"],
-                          "lambda_vl": lambda_vl, "confident": round(step.confident, 4)}
+                          "lambda_vl": lambda_vl, "confident": round(float(step.confident), 4)}
                 append_metrics(out / "metrics.jsonl", record)
                 rate = (iteration - start_iter) / max(time.time() - start_time, 1e-9)
                 print(f"epoch {epoch + 1}/{args.epochs} it {iteration}/{total_iters} loss {record['loss']:.4f} "
                       f"(s {terms['s']:.3f} u {terms['u']:.3f} c {terms['c']:.3f} vl {terms['vl']:.3f}) "
-                      f"conf {step.confident:.0%} lr {record['lr']:.2e} | {rate * args.batch_size * world:.1f} "
+                      f"conf {record['confident']:.0%} lr {record['lr']:.2e} | {rate * args.batch_size * world:.1f} "
                       f"pairs/s, ETA {hms((total_iters - iteration) / max(rate, 1e-9))}", flush=True)
             if iteration >= total_iters:
                 break

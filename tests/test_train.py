@@ -10,13 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import write_pair
 from PIL import Image
+from torch import nn
 
 from diffmatch import train as train_module
 from diffmatch.checkpoint import load_checkpoint
 from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs
+from diffmatch.data import LabeledSample, UnlabeledSample
 from diffmatch.files import InputError
+from diffmatch.model import build_model
+from diffmatch.step import compute_losses, uses_every_parameter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,3 +155,51 @@ def test_two_process_gloo_run(data_root: Path, tmp_path: Path) -> None:
     assert "x2" in result.stdout and result.stdout.count("test of best.pt") == 1  # rank 0 alone logs
     assert [r["iteration"] for r in records(out) if "loss" in r] == [1, 2]  # 8 unlabelled / (2 x 2)
     assert (out / "best.pt").exists()
+
+
+def random_batches(n: int = 2, size: int = 32) -> tuple[LabeledSample, UnlabeledSample, UnlabeledSample]:
+    g = torch.Generator().manual_seed(0)
+
+    def image() -> torch.Tensor:
+        return torch.randn(n, 3, size, size, generator=g)
+
+    def mask() -> torch.Tensor:
+        return torch.randint(0, 2, (n, size, size), generator=g)
+
+    x = LabeledSample(image(), image(), mask(), mask(), mask(), mask())
+    u, u2 = (UnlabeledSample(image(), image(), image(), image(), torch.zeros(n, size, size, dtype=torch.long),
+                             mask(), mask(), mask(), mask()) for _ in range(2))
+    return x, u, u2
+
+
+@pytest.mark.parametrize(
+    ("method", "loss", "dual_head"),
+    [("diffmatch", LossConfig(), True), ("diffmatch", LossConfig(vl_guidance=False), True),
+     ("diffmatch", LossConfig(seg_guidance=False), True), ("diffmatch", LossConfig(vl_guidance=False), False),
+     ("diffmatch", LossConfig(contrastive=False), True), ("fixmatch", LossConfig(), True)],
+)
+def test_ddp_knows_which_parameters_the_losses_reach(tmp_path: Path, method: str, loss: LossConfig,
+                                                     dual_head: bool) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", decoder_channels=8, dual_head=dual_head))
+    x, u, u2 = random_batches()
+    out = compute_losses(model, method, x, u, u2, replace(loss, tau=0.0), 0.1)
+    out.total.backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert (not unused) == uses_every_parameter(method, loss, dual_head), unused
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=not uses_every_parameter(method, loss, dual_head))
+        for _ in range(2):  # a wrong flag fails on the second step
+            compute_losses(ddp, method, x, u, u2, loss, 0.1).total.backward()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resume_refuses_other_settings(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train_module.train(tiny_args(data_root, out, method="supervised", max_iters=1))
+    with pytest.raises(InputError, match=r"last.pt: trained with other --batch-size, --seed"):
+        train_module.train(tiny_args(data_root, out, method="supervised", max_iters=1, batch_size=1, seed=3,
+                                     resume=True))
