@@ -163,4 +163,4 @@ if __name__ == "__main__":
 
     from diffmatch.files import run_cli
 
-    run_cli(lambda: main(tyro.cli(Args)))
+    run_cli(lambda: main(tyro.cli(Args, prog="python -m diffmatch.evaluate")))

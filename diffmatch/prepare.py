@@ -273,4 +273,4 @@ def main(args: LevirArgs | WhuArgs | FolderArgs) -> dict[str, list[str]]:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(tyro.cli(Args)))
+    run_cli(lambda: main(tyro.cli(Args, prog="python -m diffmatch.prepare")))

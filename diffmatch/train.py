@@ -261,4 +261,4 @@ if __name__ == "__main__":
 
     from diffmatch.files import run_cli
 
-    run_cli(lambda: train(tyro.cli(TrainArgs)))
+    run_cli(lambda: train(tyro.cli(TrainArgs, prog="python -m diffmatch.train")))
