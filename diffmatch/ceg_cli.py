@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from diffmatch.ceg import IGNORE, generate
 from diffmatch.config import CEGConfig
 from diffmatch.files import IMAGE_EXTS, InputError, read_id_list, read_label, write_json, write_png
 from diffmatch.metrics import Confusion, confusion, scores
+from diffmatch.progress import Progress
 from diffmatch.vlm import InstanceSource, concepts, list_ids, read_vlm
 
 LEVELS = ("pixel", "instance", "mixed")
@@ -146,15 +146,6 @@ def _image_sizes(root: Path, ids: list[str]) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def _progress(done: int, total: int, start: float, final: bool = False) -> None:
-    elapsed = time.perf_counter() - start
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else 0.0
-    end = "\n" if final else ""
-    print(f"\rceg {done}/{total} pairs  {rate:.1f} pairs/s  ETA {eta:.0f}s   ", end=end, file=sys.stderr,
-          flush=True)
-
-
 def _run(jobs: list[_Job], workers: int) -> Iterator[PairStats]:
     """Process every id in order, in worker processes when ``workers > 1``."""
     if workers <= 1:
@@ -206,13 +197,10 @@ def main(args: Args) -> dict | None:
         todo = {i: w for i, w in todo.items() if w}
     sizes = _image_sizes(args.root, list(todo))
     jobs = [_Job(i, args.root, out, args.ceg, args.instances, w, sizes.get(i)) for i, w in todo.items()]
-    start, stats, last = time.perf_counter(), [], 0.0
+    stats, progress = [], Progress("ceg", len(jobs), "pairs", file=sys.stderr)
     for stat in _run(jobs, args.workers):
         stats.append(stat)
-        if time.perf_counter() - last > 0.5:
-            last = time.perf_counter()
-            _progress(len(stats), len(jobs), start)
-    _progress(len(stats), len(jobs), start, final=True)
+        progress.step()
     wrote = [s for s, w in zip(stats, todo.values(), strict=True) if w]
     pixels = max(sum(s.pixels for s in wrote), 1)
     print(f"wrote {len(wrote)} pairs to {out} ({len(ids) - len(wrote)} already there, mode {args.ceg.mode}): "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -23,6 +22,7 @@ from diffmatch.data import EvalSet, eval_set
 from diffmatch.files import InputError, atomic_path, write_json, write_png
 from diffmatch.inference import change_logits
 from diffmatch.metrics import Confusion, confusion, scores
+from diffmatch.progress import Progress
 
 
 class Evaluation(NamedTuple):
@@ -58,7 +58,8 @@ def evaluate_model(model: nn.Module, dataset: EvalSet, *, device: torch.device, 
     model.eval()
     overlap = tile // 4 if overlap is None else overlap
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    total, per_image, start = Confusion(), {}, time.time()
+    total, per_image = Confusion(), {}
+    shown = Progress("evaluate", len(dataset), "pairs", file=sys.stderr, enabled=progress)
     try:
         for batch in loader:
             a, b = batch.a.to(device), batch.b.to(device)
@@ -70,16 +71,11 @@ def evaluate_model(model: nn.Module, dataset: EvalSet, *, device: torch.device, 
                 total = total + counts
                 if vis_dir is not None:
                     write_png(vis_dir / f"{sample_id}.png", visualise(batch.a[i], batch.b[i], batch.label[i], pred[i]))
-            if progress:
-                rate = len(per_image) / max(time.time() - start, 1e-9)
-                print(f"\revaluating {len(per_image)}/{len(dataset)} pairs, {rate:.1f} pairs/s", end="",
-                      file=sys.stderr, flush=True)
+            shown.step(len(batch.id))
     except RuntimeError as err:
         if "stack expects each tensor to be equal size" in str(err):
             raise InputError(f"{dataset.root}: images of different sizes in one split; pass --batch-size 1") from None
         raise
-    if progress:
-        print(file=sys.stderr)
     return Evaluation(scores(total), per_image)
 
 

@@ -28,7 +28,7 @@ from diffmatch.evaluate import pick_device
 from diffmatch.files import InputError, read_rgb, write_png
 from diffmatch.inference import change_margin, model_device, window_grid
 from diffmatch.pairs import find_pairs, no_pixel_limit, pair_size
-from diffmatch.prepare import Progress
+from diffmatch.progress import Progress
 
 WINDOW_PROGRESS = 64
 """Pairs of more windows than this also show a progress line over their windows."""

@@ -20,7 +20,6 @@ files are written atomically. Example: ``python -m diffmatch.prepare levir --src
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -30,6 +29,7 @@ import tyro
 
 from diffmatch.files import IMAGE_EXTS, InputError, atomic_path, read_label, read_rgb, run_cli, write_png
 from diffmatch.pairs import KINDS, find_pairs, no_pixel_limit, pair_size
+from diffmatch.progress import Progress
 
 TILE = 256
 WHU_SIZES = {"train": 5947, "val": 743, "test": 744}  # published split of 7,434 tiles (METHOD §2)
@@ -98,22 +98,6 @@ Args = (
     | Annotated[WhuArgs, tyro.conf.subcommand("whu")]
     | Annotated[FolderArgs, tyro.conf.subcommand("folder")]
 )
-
-
-class Progress:
-    """Prints ``name: done/total unit, rate, ETA`` at most once a second and when finished."""
-
-    def __init__(self, name: str, total: int, unit: str) -> None:
-        self.name, self.total, self.unit = name, total, unit
-        self.done, self.start, self.shown = 0, time.monotonic(), 0.0
-
-    def step(self, n: int = 1) -> None:
-        self.done, now = self.done + n, time.monotonic()
-        if now - self.shown >= 1.0 or self.done >= self.total:
-            self.shown, rate = now, self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            line = f"{self.name}: {self.done}/{self.total} {self.unit}, {rate:.3g}/s, ETA {eta:.0f}s"
-            print(line, flush=True)
 
 
 def cut(array: np.ndarray, row: int, col: int, tile: int) -> np.ndarray:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +24,7 @@ from scipy import ndimage
 from diffmatch import scene
 from diffmatch.config import CEGConfig
 from diffmatch.files import InputError, atomic_path, run_cli, write_png
+from diffmatch.progress import Progress
 from diffmatch.raster import grow, smooth_noise
 from diffmatch.rle import encode_mask
 
@@ -238,17 +238,12 @@ def generate(out: Path, *, num_pairs: int = 200, size: int = 256, val_fraction: 
     if verbose:
         print(f"{out}: {len(todo)} pairs to write, {num_pairs - len(todo)} complete already", flush=True)
     jobs = [(out, i, options, kinds) for i in todo]
-    start = last = time.monotonic()
+    progress = Progress("synthetic", len(jobs), "pairs", enabled=verbose)
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(jobs) > 1 else None
     try:
         results = pool.imap_unordered(_write_pair, jobs, chunksize=4) if pool else map(_write_pair, jobs)
-        for done, _index in enumerate(results, 1):
-            now = time.monotonic()
-            if verbose and (now - last > 2 or done == len(jobs)):
-                rate = done / max(now - start, 1e-9)
-                print(f"  {done}/{len(jobs)} pairs  {rate:.1f} pairs/s  ETA {(len(jobs) - done) / rate:.0f} s",
-                      flush=True)
-                last = now
+        for _index in results:
+            progress.step()
     finally:
         if pool:
             pool.terminate()
