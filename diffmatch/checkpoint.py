@@ -16,9 +16,11 @@ from diffmatch.model import DiffMatchNet, build_model
 
 
 def save_checkpoint(path: Path, *, model: nn.Module, args: TrainArgs, epoch: int, iteration: int,
-                    best_score: float, optimizer: torch.optim.Optimizer | None = None) -> None:
+                    best_score: float, optimizer: torch.optim.Optimizer | None = None,
+                    teacher: nn.Module | None = None) -> None:
     """Write a checkpoint atomically: model and optimiser state, progress (``epoch`` epochs done,
-    ``iteration`` steps done), best validation score, RNG states and the resolved config."""
+    ``iteration`` steps done), best validation score, RNG states, the resolved config and the EMA teacher
+    if there is one."""
     state: dict[str, Any] = {
         "model": model.state_dict(),
         "epoch": epoch,
@@ -29,6 +31,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, args: TrainArgs, epoch: int
     }
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
+    if teacher is not None:
+        state["teacher"] = teacher.state_dict()
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     with atomic_path(path) as tmp:

@@ -15,6 +15,7 @@ from typing import Literal, TypeVar
 
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 Method = Literal["supervised", "fixmatch", "diffmatch"]
+Distance = Literal["pixel", "authors"]
 CEGMode = Literal["pixel", "instance", "mixed"]
 T = TypeVar("T")
 
@@ -74,8 +75,9 @@ class ModelConfig:
     backbone: Backbone = "resnet50"
     """torchvision ResNet shared by both dates; the last stage is dilated (output stride 16)."""
     weights: str = "none"
-    """Encoder initialisation: ``none``, ``imagenet`` (torchvision's download, only when asked) or the
-    path of a local ResNet state dict."""
+    """Encoder initialisation: ``imagenet`` (torchvision's ImageNet weights, downloaded and cached on
+    first use; the default of ``train``, as in the paper), ``none`` (random) or the path of a local
+    ResNet state dict."""
     decoder_channels: int = 256
     """Width of the all-MLP decoders."""
     dual_head: bool = True
@@ -126,6 +128,18 @@ class LossConfig:
     """CEG single-date masks supervise the segmentation decoder (§3.5)."""
     contrastive: bool = True
     """Contrastive consistency regularisation on the segmentation features (§3.6)."""
+    distance: Distance = "pixel"
+    """Distance map of L_c (§3.6): ``pixel``, the L2 distance over the decoder channels at each pixel,
+    scaled by sqrt(64 / channels) so that at 256 channels it has the magnitude of the released code's;
+    ``authors``, the released code's ``pairwise_distance`` over the width axis of NCHW features, for
+    reproducing its tables term for term (README §5)."""
+    warmup_iters: int = 0
+    """Supervised-only warm-up: the first this many iterations of ``fixmatch`` and ``diffmatch`` use
+    L_s alone (U2PL's ``sup_only_epoch``; ST++). 0 in the paper's recipe."""
+    ema_teacher: float = 0.0
+    """EMA decay of a teacher network that gives the pseudo labels of L_u and L_c in place of the
+    student's own weak-view predictions (Mean Teacher, Tarvainen and Valpola 2017; UniMatch-V2
+    uses one). 0: no teacher, as in FixMatch and the paper."""
 
 
 @dataclass
@@ -160,8 +174,8 @@ class TrainArgs:
     """Pairs per batch, for the labelled and each unlabelled batch."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Weak and strong views."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Network."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(weights="imagenet"))
+    """Network; the encoder starts from ImageNet weights, as in the paper (§4.1.2)."""
     loss: LossConfig = field(default_factory=LossConfig)
     """Loss terms and ablation switches."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -180,8 +194,9 @@ class TrainArgs:
     """bf16 autocast on CUDA."""
     log_every: int = 20
     """Print a console line every this many iterations."""
-    eval_every: int = 1
-    """Evaluate on the validation split every this many epochs."""
+    eval_interval: int = 1000
+    """Evaluate on the validation split every this many iterations and after the last one: the same
+    schedule for every method, whatever its epoch length."""
     select_on: Literal["val", "test"] = "val"
     """Split that picks ``best.pt``; ``test`` reproduces the authors' protocol."""
     max_iters: int | None = None

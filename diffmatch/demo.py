@@ -80,13 +80,14 @@ def run(args: Args, root: Path) -> dict:
     results = {}
     for i, method in enumerate(METHODS, 1):
         pairs = labelled if method == "supervised" else len(train_ids) - labelled
-        epochs, eval_every = epochs_for(args.iters, pairs, args.batch_size)
+        epochs, _ = epochs_for(args.iters, pairs, args.batch_size)
         print(f"[3/3] training {method} ({i}/3): {args.iters} iterations, {args.backbone}", flush=True)
         run_args = TrainArgs(
             data=DataConfig(root=data, crop_size=args.size), label_ratio=args.label_ratio, method=method,
             epochs=epochs, batch_size=args.batch_size, model=ModelConfig(backbone=args.backbone),  # type: ignore[arg-type]
             out_dir=root / "runs" / method, seed=args.seed, num_workers=args.workers, device=args.device,
-            log_every=max(1, args.iters // 5), eval_every=eval_every, max_iters=args.iters)
+            log_every=max(1, args.iters // 5), eval_interval=max(1, args.iters // 4),
+            max_iters=args.iters)
         results[method] = train(run_args)
     summary = {"ceg_test": table["rows"] if table else None, "methods": results,
                "settings": {k: str(v) for k, v in vars(args).items()}, "seconds": round(time.time() - start, 1)}

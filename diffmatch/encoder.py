@@ -46,8 +46,7 @@ class SiameseEncoder(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         if weights == "imagenet":
-            state = torchvision.models.get_model_weights(backbone).DEFAULT.get_state_dict(progress=True)
-            self.load_state_dict(_drop_fc(state))
+            self.load_state_dict(_drop_fc(imagenet_state(backbone)))
         elif weights != "none":
             load_resnet_weights(self, Path(weights))
 
@@ -63,6 +62,19 @@ class SiameseEncoder(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         # Two passes, as the authors' code does: in train mode each date gets its own BN statistics.
         return self.features(a), self.features(b)
+
+
+def imagenet_state(backbone: Backbone) -> dict[str, Tensor]:
+    """torchvision's ``DEFAULT`` ImageNet weights of ``backbone``, downloaded once into torch's cache
+    (``~/.cache/torch/hub/checkpoints``); offline, an ``InputError`` that says what to pass instead."""
+    weights = torchvision.models.get_model_weights(backbone).DEFAULT
+    try:
+        return weights.get_state_dict(progress=True)
+    except OSError as err:  # URLError, timeouts and unreachable hosts are all OSErrors
+        file = weights.url.rsplit("/", 1)[-1]
+        raise InputError(f"cannot download the ImageNet weights of {backbone} ({err}); offline, copy {file} "
+                         "from a machine that has it (torch's cache: ~/.cache/torch/hub/checkpoints) and pass "
+                         "--model.weights PATH, or train from scratch with --model.weights none") from None
 
 
 def dilated_resnet(backbone: Backbone) -> ResNet:
@@ -101,6 +113,9 @@ def load_resnet_weights(encoder: nn.Module, path: Path) -> None:
     except Exception as err:  # pickle and zip errors come in many types
         raise InputError(f"{path}: cannot read the weights ({err}); save a plain state dict") from None
     state = _drop_fc(_strip_prefixes(_unwrap(state, path)))
+    if any(key.startswith("stem.") for key in state):
+        raise InputError(f"{path}: a deep-stem ResNet (ResNet-V1c, as mmseg's and the authors' checkpoints) does "
+                         "not fit torchvision's ResNet; use --model.weights imagenet (torchvision's weights)")
     own = encoder.state_dict()
     if not own.keys() & state.keys():
         raise InputError(f"{path}: no key matches a torchvision ResNet; is it a ResNet state dict?")

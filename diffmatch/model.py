@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmatch.config import Backbone, ModelConfig
+from diffmatch.config import Backbone, Distance, ModelConfig
 from diffmatch.decoders import DifferenceDecoder, SegmentationDecoder
 from diffmatch.encoder import SiameseEncoder
 
@@ -58,8 +58,9 @@ class DiffMatchNet(nn.Module):
             in_channels=channels, channels=decoder_channels, num_classes=num_classes
         )
 
-    def forward(self, a: Tensor, b: Tensor, *, change_only: bool = False) -> ModelOutput:
-        """Run the pre-event images ``a`` and post-event images ``b`` (N, 3, H, W), any H and W."""
+    def forward(self, a: Tensor, b: Tensor, *, change_only: bool = False, metric: Distance = "pixel") -> ModelOutput:
+        """Run the pre-event images ``a`` and post-event images ``b`` (N, 3, H, W), any H and W;
+        ``metric`` picks the distance map of §3.6 (``pixel`` or the released code's ``authors``)."""
         size = a.shape[-2:]
         f_a, f_b = self.encoder(a, b)
         diff = [(x - y).abs() for x, y in zip(f_a, f_b, strict=True)]  # §3.7: l1 difference per stage
@@ -71,7 +72,8 @@ class DiffMatchNet(nn.Module):
         q_a, seg_a = self.seg_decoder(f_a)
         q_b, seg_b = self.seg_decoder(f_b)
         return ModelOutput(
-            change, change_vl, upsample(seg_a, size), upsample(seg_b, size), distance(q_a, q_b, size)
+            change, change_vl, upsample(seg_a, size), upsample(seg_b, size),
+            (distance if metric == "pixel" else authors_distance)(q_a, q_b, size),
         )
 
 
@@ -80,13 +82,29 @@ def upsample(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def distance(q_a: Tensor, q_b: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """(N, H, W) L2 norm over channels of ``q_a - q_b`` per pixel, upsampled to ``size`` (§3.6, Eq. 14).
+REFERENCE_WIDTH = 64
+"""Elements the released code's distance sums over at the paper's setting: the width of the stride-4
+feature map of a 256 px crop."""
 
-    The authors' code calls ``pairwise_distance`` on NCHW tensors, which reduces over the width axis;
-    this is the per-pixel distance the paper describes. Its gradient at ``q_a == q_b`` is 0, not NaN.
+
+def distance(q_a: Tensor, q_b: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """(N, H, W) per-pixel L2 distance over channels of ``q_a - q_b``, upsampled to ``size`` (§3.6,
+    Eq. 14), times sqrt(64 / C).
+
+    The factor gives the sum of 64 squared differences the magnitude the released code's distance has
+    at 256 px crops (README §5), whatever the decoder width C, so that the paper's margin ε = 2 and
+    λ_c = 0.1 keep their meaning. Its gradient at ``q_a == q_b`` is 0, not NaN.
     """
-    d = torch.linalg.vector_norm(q_a - q_b, ord=2, dim=1, keepdim=True)
+    scale = (REFERENCE_WIDTH / q_a.shape[1]) ** 0.5
+    d = torch.linalg.vector_norm(q_a - q_b, ord=2, dim=1, keepdim=True) * scale
+    return upsample(d, size).squeeze(1)
+
+
+def authors_distance(q_a: Tensor, q_b: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """The released code's distance map: ``pairwise_distance`` on (N, C, h, w) features, which reduces
+    over the width w and leaves a (C, h) map per image, stretched to ``size`` as if it were a picture.
+    Kept to reproduce the authors' numbers term for term; ``distance`` is what §3.6 describes."""
+    d = F.pairwise_distance(q_a, q_b, p=2.0, keepdim=True).permute(0, 3, 1, 2)  # (N, 1, C, h)
     return upsample(d, size).squeeze(1)
 
 

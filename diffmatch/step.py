@@ -1,4 +1,4 @@
-"""One training step of DiffMatch and its baselines (METHOD §6; §3.1, §3.3–3.6, Table 1).
+"""One training step of DiffMatch and its baselines (§3.1, §3.3–3.6, Table 1; README §3).
 
 Batches: labelled ``x``, unlabelled ``u`` and a second unlabelled batch ``u2`` that supplies the CutMix
 content of ``u``'s strong view.
@@ -38,12 +38,26 @@ def cutmix(box: Tensor, x: Tensor, content: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def mix_predictions(model: nn.Module, u2: UnlabeledSample) -> tuple[Tensor, Tensor]:
-    """Step 1: predictions on ``u2``'s weak view in eval mode, the pseudo labels of its CutMix content."""
+def eval_predictions(model: nn.Module, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Confidence and label of ``model``'s change prediction in eval mode, without gradient (step 1:
+    the pseudo labels of ``u2``, the CutMix content; with a teacher, those of ``u`` too)."""
+    was_training = model.training
     model.eval()
-    logits = model(u2.a, u2.b, change_only=True).change
-    model.train()
+    logits = model(a, b, change_only=True).change
+    model.train(was_training)
     return confidence(logits)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, iteration: int) -> None:
+    """Mean Teacher's update (Tarvainen and Valpola 2017): teacher = d * teacher + (1 - d) * student with
+    d = min(decay, 1 - 1 / (iteration + 1)), so that the first steps follow the student closely;
+    BatchNorm statistics are copied."""
+    d = min(decay, 1 - 1 / (iteration + 1))
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.lerp_(s.detach(), 1 - d)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        t.copy_(s)
 
 
 def contrastive_term(out: ModelOutput, out_s: ModelOutput, x_label: Tensor, label: Tensor, conf: Tensor,
@@ -95,19 +109,22 @@ def uses_every_parameter(method: Method, cfg: LossConfig, dual_head: bool) -> bo
 
 
 def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: UnlabeledSample | None,
-                   u2: UnlabeledSample | None, cfg: LossConfig, lambda_vl: float) -> StepResult:
-    """Steps 1–3 of METHOD §6: pseudo labels, forward passes with gradient, loss terms and total."""
+                   u2: UnlabeledSample | None, cfg: LossConfig, lambda_vl: float,
+                   teacher: nn.Module | None = None) -> StepResult:
+    """Steps 1–3 of the training step (§3.1, Table 1): pseudo labels, forward passes with gradient, loss
+    terms and total. With a ``teacher``, it gives the pseudo labels of ``u`` and ``u2`` instead of
+    ``model``."""
     if method == "supervised" or u is None or u2 is None:
         l_s = losses.supervised_ce(model(x.a, x.b, change_only=True).change, x.label)
         zero = losses.zero_like(l_s)
         return StepResult(LossTerms(l_s, zero, zero, zero), l_s, zero.detach())
-    conf_mix, label_mix = mix_predictions(model, u2)
+    conf_mix, label_mix = eval_predictions(teacher or model, u2.a, u2.b)
     a_s, b_s = cutmix(u.box, u.a_strong, u2.a_strong), cutmix(u.box, u.b_strong, u2.b_strong)
-    change_only = method != "diffmatch"
+    change_only, metric = method != "diffmatch", cfg.distance
     n = x.a.shape[0]
-    out = model(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=change_only)
-    out_s = model(a_s, b_s, change_only=change_only)
-    conf_u, label_u = confidence(out.change[n:])
+    out = model(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=change_only, metric=metric)
+    out_s = model(a_s, b_s, change_only=change_only, metric=metric)
+    conf_u, label_u = confidence(out.change[n:]) if teacher is None else eval_predictions(teacher, u.a, u.b)
     conf, label = cutmix(u.box, conf_u, conf_mix), cutmix(u.box, label_u, label_mix)
     valid = cutmix(u.box, u.ignore, u2.ignore) != 255
     l_s = losses.supervised_ce(out.change[:n], x.label)

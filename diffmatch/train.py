@@ -4,11 +4,13 @@
     torchrun --nproc_per_node 4 -m diffmatch.train --data.root LEVIR-CD256 --label-ratio 0.05
 
 Read top to bottom next to the paper: the data (§3.1), then the loop: poly learning rate and λ_vl
-schedule, one step of ``diffmatch.step`` (METHOD §6), the update, logging, evaluation and checkpoints.
+schedule, one step of ``diffmatch.step`` (§3, Table 1), the update, logging, evaluation on a fixed
+iteration interval, and checkpoints.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -27,7 +29,7 @@ from diffmatch.data import LabeledSet, UnlabeledSet, eval_set, repeat_to, semi_s
 from diffmatch.evaluate import evaluate_model, format_scores, pick_device
 from diffmatch.files import InputError, atomic_path, write_json
 from diffmatch.model import build_model, param_groups
-from diffmatch.step import compute_losses, to_device, uses_every_parameter
+from diffmatch.step import compute_losses, ema_update, to_device, uses_every_parameter
 
 
 # ----------------------------------------------------------------------------- data (§3.1)
@@ -89,13 +91,17 @@ def check_args(args: TrainArgs) -> None:
     """Reject values that cannot train, naming the flag."""
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
                         ("--data.crop-size", args.data.crop_size), ("--log-every", args.log_every),
-                        ("--eval-every", args.eval_every)):
+                        ("--eval-interval", args.eval_interval)):
         if value < 1:
             raise InputError(f"{flag} {value}: must be at least 1")
     if not 0 <= args.loss.tau <= 1:
         raise InputError(f"--loss.tau {args.loss.tau}: must be in [0, 1]")
     if args.num_workers < 0:
         raise InputError(f"--num-workers {args.num_workers}: must be 0 or more")
+    if not 0 <= args.loss.ema_teacher < 1:
+        raise InputError(f"--loss.ema-teacher {args.loss.ema_teacher}: must be in [0, 1)")
+    if args.loss.warmup_iters < 0:
+        raise InputError(f"--loss.warmup-iters {args.loss.warmup_iters}: must be 0 or more")
 
 
 RUN_FIELDS = ("data", "label_ratio", "method", "epochs", "batch_size", "augment", "model", "loss", "optim",
@@ -162,6 +168,9 @@ def train(args: TrainArgs) -> dict[str, float]:
                                 lr=args.optim.lr, momentum=args.optim.momentum)
     iters_per_epoch = len(loaders.x)
     total_iters = min(args.epochs * iters_per_epoch, args.max_iters or args.epochs * iters_per_epoch)
+    teacher = None
+    if args.loss.ema_teacher > 0 and args.method != "supervised":
+        teacher = copy.deepcopy(net).eval().requires_grad_(False)  # Mean Teacher: pseudo labels of L_u, L_c
 
     epoch, iteration, best = 0, 0, -1.0
     if args.resume:
@@ -169,6 +178,8 @@ def train(args: TrainArgs) -> dict[str, float]:
         check_same_run(state["config"], args, out / "last.pt")
         load_state(net, state["model"], out / "last.pt")
         optimizer.load_state_dict(state["optimizer"])
+        if teacher is not None:
+            load_state(teacher, state["teacher"], out / "last.pt")
         epoch, iteration, best = state["epoch"], state["iteration"], state["best_score"]
         torch.set_rng_state(state["rng"].cpu())
         if device.type == "cuda" and "cuda_rng" in state:
@@ -199,12 +210,15 @@ def train(args: TrainArgs) -> dict[str, float]:
             for group in optimizer.param_groups:
                 group["lr"] = losses.poly_lr(group["base_lr"], iteration, total_iters, args.optim.poly_power)
             lambda_vl = losses.lambda_vl_at(iteration, total_iters, args.loss.lambda_vl)
+            method = args.method if iteration >= args.loss.warmup_iters else "supervised"  # warm-up: L_s only
             x, u, u2 = to_device(x, device), to_device(u, device), to_device(u2, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                step = compute_losses(model, args.method, x, u, u2, args.loss, lambda_vl)
+                step = compute_losses(model, method, x, u, u2, args.loss, lambda_vl, teacher=teacher)
             optimizer.zero_grad(set_to_none=True)
             step.total.backward()
             optimizer.step()
+            if teacher is not None:
+                ema_update(teacher, net, args.loss.ema_teacher, iteration)
             iteration += 1
             if main_process and (iteration % args.log_every == 0 or iteration == total_iters):
                 terms = {k: round(float(v.detach()), 5) for k, v in step.terms._asdict().items()}
@@ -217,38 +231,52 @@ def train(args: TrainArgs) -> dict[str, float]:
                       f"(s {terms['s']:.3f} u {terms['u']:.3f} c {terms['c']:.3f} vl {terms['vl']:.3f}) "
                       f"conf {record['confident']:.0%} lr {record['lr']:.2e} | {rate * args.batch_size * world:.1f} "
                       f"pairs/s, ETA {hms((total_iters - iteration) / max(rate, 1e-9))}", flush=True)
+            if iteration % args.eval_interval == 0 or iteration == total_iters:  # one schedule for all methods
+                if main_process:
+                    best = validate(args, net, val_set, device, amp, epoch, iteration, best)
+                if world > 1:
+                    dist.barrier()
+                model.train()
             if iteration >= total_iters:
                 break
         epoch += 1
         if main_process:
-            if epoch % args.eval_every == 0 or iteration >= total_iters:
-                result = evaluate_model(net, val_set, device=device, tile=args.data.crop_size, amp=amp,
-                                        num_workers=min(args.num_workers, 2))
-                score = result.scores["iou"]
-                append_metrics(out / "metrics.jsonl", {"iteration": iteration, "epoch": epoch,
-                                                       f"{args.select_on}": result.scores})
-                print(format_scores(f"epoch {epoch} {args.select_on}", result.scores), flush=True)
-                if score > best:
-                    best = score
-                    save_checkpoint(out / "best.pt", model=net, args=args, epoch=epoch, iteration=iteration,
-                                    best_score=best)
             save_checkpoint(out / "last.pt", model=net, args=args, epoch=epoch, iteration=iteration,
-                            best_score=best, optimizer=optimizer)
+                            best_score=best, optimizer=optimizer, teacher=teacher)
         if world > 1:
             dist.barrier()
     return finish(args, net, device, amp, main_process, world)
 
 
+def validate(args: TrainArgs, net: nn.Module, val_set: torch.utils.data.Dataset, device: torch.device, amp: bool,
+             epoch: int, iteration: int, best: float) -> float:
+    """Score the network on the selection split, record it, keep ``best.pt``; returns the best IoU^c."""
+    result = evaluate_model(net, val_set, device=device, tile=args.data.crop_size, amp=amp,
+                            num_workers=min(args.num_workers, 2))
+    score = result.scores["iou"]
+    append_metrics(args.out_dir / "metrics.jsonl", {"iteration": iteration, "epoch": epoch,
+                                                    f"{args.select_on}": result.scores})
+    print(format_scores(f"it {iteration} {args.select_on}", result.scores), flush=True)
+    if score > best:
+        save_checkpoint(args.out_dir / "best.pt", model=net, args=args, epoch=epoch, iteration=iteration,
+                        best_score=score)
+    return max(best, score)
+
+
 def finish(args: TrainArgs, net: nn.Module, device: torch.device, amp: bool, main_process: bool,
            world: int) -> dict[str, float]:
-    """Evaluate ``best.pt`` on the test split, print and record the scores."""
+    """Evaluate the last weights and ``best.pt`` on the test split, print and record both; returns the
+    scores of ``best.pt`` (``test.json`` holds them, and the last weights' under ``last``)."""
     scores: dict[str, float] = {}
     if main_process:
+        test_set = eval_set(args.data, args.data.test_split)
+        last = evaluate_model(net, test_set, device=device, tile=args.data.crop_size, amp=amp).scores
         best_path = args.out_dir / "best.pt"
         load_state(net, load_checkpoint(best_path, device)["model"], best_path)
-        test_set = eval_set(args.data, args.data.test_split)
         scores = evaluate_model(net, test_set, device=device, tile=args.data.crop_size, amp=amp).scores
-        write_json(args.out_dir / "test.json", {"checkpoint": str(best_path), "pairs": len(test_set), **scores})
+        write_json(args.out_dir / "test.json", {"checkpoint": str(best_path), "pairs": len(test_set), **scores,
+                                                "last": last})
+        print(format_scores(f"test of the last weights ({len(test_set)} pairs)", last), flush=True)
         print(format_scores(f"test of best.pt ({len(test_set)} pairs)", scores), flush=True)
     if world > 1:
         dist.barrier()

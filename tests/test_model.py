@@ -13,6 +13,7 @@ from diffmatch.model import (
     DiffMatchNet,
     ModelOutput,
     build_model,
+    authors_distance,
     count_parameters,
     distance,
     param_groups,
@@ -105,31 +106,32 @@ def test_without_dual_head_change_vl_is_change() -> None:
     assert count_parameters(net)["w_vl"] == 0
 
 
-def test_distance_is_per_pixel_channel_norm() -> None:
+def test_distance_is_per_pixel_channel_norm_scaled_to_64_channels() -> None:
     q_a = torch.zeros(1, 2, 2, 3)
     q_b = torch.zeros(1, 2, 2, 3)
-    q_b[0, :, 0, 1] = torch.tensor([3.0, 4.0])  # pixel (0, 1): distance 5
-    q_b[0, :, 1, 2] = torch.tensor([-1.0, 0.0])  # pixel (1, 2): distance 1
+    q_b[0, :, 0, 1] = torch.tensor([3.0, 4.0])  # pixel (0, 1): norm 5
+    q_b[0, :, 1, 2] = torch.tensor([-1.0, 0.0])  # pixel (1, 2): norm 1
     d = distance(q_a, q_b, (2, 3))
-    expected = torch.tensor([[[0.0, 5.0, 0.0], [0.0, 0.0, 1.0]]])
+    scale = 32**0.5  # sqrt(64 / 2 channels)
+    expected = torch.tensor([[[0.0, 5.0, 0.0], [0.0, 0.0, 1.0]]]) * scale
     torch.testing.assert_close(d, expected)
-    # Not the authors' width-wise reduction, which gives one value per (N, C, H) row.
-    assert F.pairwise_distance(q_a, q_b).shape == (1, 2, 2)
     # Upsampling happens after the norm: a 1x1 map spreads to a constant map.
     d_up = distance(torch.zeros(1, 2, 1, 1), torch.tensor([3.0, 4.0]).view(1, 2, 1, 1), (4, 5))
-    torch.testing.assert_close(d_up, torch.full((1, 4, 5), 5.0))
+    torch.testing.assert_close(d_up, torch.full((1, 4, 5), 5.0 * scale))
+    # At 64 channels the scale is 1: the plain L2 norm.
+    ones = distance(torch.zeros(1, 64, 1, 1), torch.ones(1, 64, 1, 1), (1, 1))
+    torch.testing.assert_close(ones, torch.full((1, 1, 1), 8.0))
 
 
-def test_model_distance_matches_seg_features(net18: DiffMatchNet) -> None:
-    feats: list[torch.Tensor] = []
-    hook = net18.seg_decoder.register_forward_hook(lambda m, i, o: feats.append(o[0]))
-    net18.eval()
-    with torch.no_grad():
-        out = net18(*pair(2, 97, 131))
-    hook.remove()
-    q_a, q_b = feats
-    per_pixel = ((q_a - q_b) ** 2).sum(dim=1, keepdim=True).sqrt()
-    torch.testing.assert_close(out.distance, upsample(per_pixel, (97, 131)).squeeze(1))
+def test_authors_distance_reduces_over_width_and_stretches_the_channel_rows() -> None:
+    q_a = torch.zeros(1, 2, 3, 2)  # C = 2, h = 3, w = 2
+    q_b = torch.zeros(1, 2, 3, 2)
+    q_b[0, 0, 1] = torch.tensor([3.0, 4.0])  # channel 0, row 1: norm over the width 5
+    q_b[0, 1, 2] = torch.tensor([0.0, 2.0])  # channel 1, row 2: 2
+    d = authors_distance(q_a, q_b, (2, 3))  # the (C, h) = (2, 3) map at the "image" size 2x3
+    eps = 1e-6 * 2**0.5  # pairwise_distance adds 1e-6 to every difference
+    expected = torch.tensor([[[eps, 5.0, eps], [eps, eps, 2.0]]])
+    torch.testing.assert_close(d, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_change_only_skips_segmentation(net18: DiffMatchNet) -> None:

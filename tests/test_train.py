@@ -21,7 +21,7 @@ from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs
 from diffmatch.data import LabeledSample, UnlabeledSample
 from diffmatch.files import InputError
 from diffmatch.model import build_model
-from diffmatch.step import compute_losses, uses_every_parameter
+from diffmatch.step import compute_losses, ema_update, uses_every_parameter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +90,52 @@ def test_ablation_switches_remove_their_terms(data_root: Path, tmp_path: Path, l
             assert (record[key] == 0) == (key in zero), (key, record)
 
 
+def test_every_method_evaluates_on_the_same_iteration_schedule(data_root: Path, tmp_path: Path) -> None:
+    for method in ("supervised", "diffmatch"):  # epochs of 2 and 4 iterations
+        out = tmp_path / method
+        train_module.train(tiny_args(data_root, out, method=method, epochs=10, max_iters=5, eval_interval=2))
+        assert [r["iteration"] for r in records(out) if "val" in r] == [2, 4, 5], method
+        test = json.loads((out / "test.json").read_text())
+        assert test["last"].keys() >= {"iou", "f1", "precision", "recall", "accuracy"}
+        assert test.keys() >= {"iou", "f1", "checkpoint", "pairs"}
+
+
+def test_warmup_trains_with_the_labelled_loss_alone(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train_module.train(tiny_args(data_root, out, max_iters=4, loss=LossConfig(tau=0.0, warmup_iters=2)))
+    steps = [r for r in records(out) if "loss" in r]
+    for r in steps[:2]:
+        assert r["loss_s"] > 0 and r["loss_u"] == r["loss_c"] == r["loss_vl"] == 0, r
+        assert r["loss"] == pytest.approx(r["loss_s"], abs=1e-4)  # L_s alone, not (L_s + L_u) / 2
+    for r in steps[2:]:
+        assert r["loss_u"] > 0 and r["loss_c"] > 0 and r["loss_vl"] > 0, r
+
+
+def test_ema_teacher_is_checkpointed_and_resumes(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    loss = LossConfig(ema_teacher=0.9)
+    straight = tmp_path / "straight"
+    train_module.train(tiny_args(data_root, straight, method="fixmatch", loss=loss))
+    state = load_checkpoint(straight / "last.pt")
+    assert state["teacher"].keys() == state["model"].keys()
+    assert any(not torch.equal(state["teacher"][k], v) for k, v in state["model"].items() if v.is_floating_point())
+    killed = tmp_path / "killed"
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(path: Path, **kwargs: object) -> None:
+        real_save(path, **kwargs)
+        if path.name == "last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(tiny_args(data_root, killed, method="fixmatch", loss=loss))
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train_module.train(tiny_args(data_root, killed, method="fixmatch", loss=loss, resume=True))
+    resumed = load_checkpoint(killed / "last.pt")
+    for key, value in state["teacher"].items():
+        assert torch.equal(value, resumed["teacher"][key]), key
+
+
 def test_resumed_run_ends_with_the_same_weights(data_root: Path, tmp_path: Path, monkeypatch) -> None:
     straight = tmp_path / "straight"
     train_module.train(tiny_args(data_root, straight))
@@ -148,7 +194,8 @@ def test_two_process_gloo_run(data_root: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
          "-m", "diffmatch.train", "--data.root", str(data_root), "--label-ratio", "0.2", "--data.crop-size",
-         "32", "--batch-size", "2", "--epochs", "1", "--model.backbone", "resnet18", "--model.decoder-channels",
+         "32", "--batch-size", "2", "--epochs", "1", "--model.backbone", "resnet18", "--model.weights", "none",
+         "--model.decoder-channels",
          "16", "--num-workers", "0", "--device", "cpu", "--log-every", "1", "--out-dir", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -203,3 +250,30 @@ def test_resume_refuses_other_settings(data_root: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"last.pt: trained with other --batch-size, --seed"):
         train_module.train(tiny_args(data_root, out, method="supervised", max_iters=1, batch_size=1, seed=3,
                                      resume=True))
+
+
+def test_ema_update_follows_mean_teachers_rule() -> None:
+    student, teacher = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    nn.init.constant_(student.weight, 1.0)
+    nn.init.constant_(teacher.weight, 0.0)
+    student.running_mean.fill_(3.0)
+    ema_update(teacher, student, 0.9, iteration=100)  # d = min(0.9, 1 - 1/101) = 0.9
+    torch.testing.assert_close(teacher.weight.detach(), torch.full((2,), 0.1))
+    assert torch.equal(teacher.running_mean, student.running_mean)  # buffers are copied
+    ema_update(teacher, student, 0.9, iteration=0)  # d = 0 at the first step: the student itself
+    torch.testing.assert_close(teacher.weight.detach(), torch.ones(2))
+
+
+def test_teacher_gives_the_pseudo_labels(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", decoder_channels=8))
+    teacher = build_model(ModelConfig(backbone="resnet18", decoder_channels=8)).eval()
+    with torch.no_grad():  # a teacher sure of "change" everywhere
+        teacher.diff_decoder.w_cr.bias.copy_(torch.tensor([-50.0, 50.0]))
+    seen: list[torch.Size] = []
+    teacher.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    x, u, u2 = random_batches()
+    result = compute_losses(model, "diffmatch", x, u, u2, LossConfig(), 0.1, teacher=teacher)
+    assert seen == [u2.a.shape, u.a.shape] and not teacher.training
+    assert float(result.confident) == 1.0  # every valid pixel above τ: the teacher's labels, not the student's
+    assert float(compute_losses(model, "diffmatch", x, u, u2, LossConfig(), 0.1).confident) < 1.0
