@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffmatch.config import ModelConfig
@@ -12,8 +11,8 @@ from diffmatch.losses import ceg_ce_mean, contrastive_balanced, supervised_ce
 from diffmatch.model import (
     DiffMatchNet,
     ModelOutput,
-    build_model,
     authors_distance,
+    build_model,
     count_parameters,
     distance,
     param_groups,
