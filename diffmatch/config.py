@@ -136,6 +136,9 @@ class LossConfig:
     warmup_iters: int = 0
     """Supervised-only warm-up: the first this many iterations of ``fixmatch`` and ``diffmatch`` use
     L_s alone (U2PL's ``sup_only_epoch``; ST++). 0 in the paper's recipe."""
+    class_thresholds: bool = False
+    """FlexMatch's class-wise confidence thresholds (Zhang et al. 2021) in place of one τ for L_u and
+    L_c: the rarely confident class (change) gets a lower threshold. Off in the paper."""
     ema_teacher: float = 0.0
     """EMA decay of a teacher network that gives the pseudo labels of L_u and L_c in place of the
     student's own weak-view predictions (Mean Teacher, Tarvainen and Valpola 2017; UniMatch-V2

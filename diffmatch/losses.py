@@ -32,12 +32,24 @@ def supervised_ce(logits: Tensor, target: Tensor) -> Tensor:
     return _ce_sum(logits, target) / _count(target != IGNORE)
 
 
-def confidence_weight(conf: Tensor, valid: Tensor, tau: float) -> Tensor:
-    """Per-pixel weight [conf >= τ] * valid of the strong-view losses (Eq. 3), as a float map."""
+def confidence_weight(conf: Tensor, valid: Tensor, tau: float | Tensor) -> Tensor:
+    """Per-pixel weight [conf >= τ] * valid of the strong-view losses (Eq. 3), as a float map; ``tau``
+    is one threshold or a per-pixel map (``class_thresholds``)."""
     return ((conf >= tau) & valid).to(conf.dtype)
 
 
-def unsupervised_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float) -> Tensor:
+def class_thresholds(conf: Tensor, pseudo: Tensor, valid: Tensor, tau: float, num_classes: int = 2) -> Tensor:
+    """FlexMatch's class-wise thresholds (Zhang et al. 2021, Eq. 6–7 with the convex mapping), as a
+    per-pixel map: τ_c = τ · β_c / (2 - β_c), β_c the number of valid pixels labelled c above τ over that
+    of the class with most. A class the model is rarely sure of (change) gets a lower threshold, so its
+    pseudo labels are not drowned by the confident majority. Counted over the batch."""
+    above = (conf >= tau) & valid
+    sigma = torch.stack([(above & (pseudo == c)).sum() for c in range(num_classes)]).to(conf.dtype)
+    beta = sigma / sigma.max().clamp(min=1)
+    return (tau * beta / (2 - beta))[pseudo.long().clamp(max=num_classes - 1)]
+
+
+def unsupervised_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float | Tensor) -> Tensor:
     """L_u (Eq. 3) as FixMatch/UniMatch compute it: sum(CE * [conf >= τ] * valid) / sum(valid)."""
     ce = F.cross_entropy(logits, pseudo.long(), ignore_index=IGNORE, reduction="none")
     return (ce * confidence_weight(conf, valid, tau)).sum() / _count(valid)
@@ -64,7 +76,7 @@ def contrastive_balanced(distance: Tensor, target: Tensor, margin: float = 2.0) 
 
 
 def contrastive_weighted(
-    distance: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float, margin: float = 2.0
+    distance: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float | Tensor, margin: float = 2.0
 ) -> Tensor:
     """Contrastive loss (Eq. 14) on the strong view: the per-pixel term for the pseudo label, weighted
     like ``unsupervised_ce``: sum(l * [conf >= τ] * valid) / sum(valid). Pixels labelled 255 give 0."""

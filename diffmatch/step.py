@@ -61,12 +61,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, iteration: 
 
 
 def contrastive_term(out: ModelOutput, out_s: ModelOutput, x_label: Tensor, label: Tensor, conf: Tensor,
-                     valid: Tensor, cfg: LossConfig) -> Tensor:
+                     valid: Tensor, tau: float | Tensor, margin: float) -> Tensor:
     """L_c (§3.6, Eq. 14): labelled pairs against the ground truth, batch-balanced; the strong view
     against the mixed pseudo label, weighted like L_u; the two averaged."""
     n = x_label.shape[0]
-    labelled = losses.contrastive_balanced(out.distance[:n], x_label, cfg.margin)
-    strong = losses.contrastive_weighted(out_s.distance, label, conf, valid, cfg.tau, cfg.margin)
+    labelled = losses.contrastive_balanced(out.distance[:n], x_label, margin)
+    strong = losses.contrastive_weighted(out_s.distance, label, conf, valid, tau, margin)
     return (labelled + strong) / 2
 
 
@@ -127,16 +127,17 @@ def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: Unlabe
     conf_u, label_u = confidence(out.change[n:]) if teacher is None else eval_predictions(teacher, u.a, u.b)
     conf, label = cutmix(u.box, conf_u, conf_mix), cutmix(u.box, label_u, label_mix)
     valid = cutmix(u.box, u.ignore, u2.ignore) != 255
+    tau = losses.class_thresholds(conf, label, valid, cfg.tau) if cfg.class_thresholds else cfg.tau
     l_s = losses.supervised_ce(out.change[:n], x.label)
-    l_u = losses.unsupervised_ce(out_s.change, label, conf, valid, cfg.tau)
+    l_u = losses.unsupervised_ce(out_s.change, label, conf, valid, tau)
     l_c = l_vl = losses.zero_like(l_s)
     if method == "diffmatch":
         if cfg.contrastive:
-            l_c = contrastive_term(out, out_s, x.label, label, conf, valid, cfg)
+            l_c = contrastive_term(out, out_s, x.label, label, conf, valid, tau, cfg.margin)
         l_vl = guidance_term(out, out_s, x, u, u2, cfg)
     terms = LossTerms(l_s, l_u, l_c, l_vl)
     total = losses.total_loss(terms, lambda_c=cfg.lambda_c, lambda_vl=lambda_vl)
-    confident = ((conf >= cfg.tau) & valid).sum() / valid.sum().clamp(min=1)
+    confident = ((conf >= tau) & valid).sum() / valid.sum().clamp(min=1)
     return StepResult(terms, total, confident)
 
 
