@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from diffmatch import losses
+from diffmatch.board import Board
 from diffmatch.checkpoint import load_checkpoint, load_state, save_checkpoint
 from diffmatch.config import TrainArgs, to_dict
 from diffmatch.data import LabeledSet, UnlabeledSet, eval_set, repeat_to, semi_split
@@ -183,6 +184,8 @@ def train(args: TrainArgs) -> dict[str, float]:
             with atomic_path(out / f"{name}.txt") as tmp:
                 tmp.write_text("".join(i + "\n" for i in ids))
         (out / "metrics.jsonl").unlink(missing_ok=True)
+    board = Board.open(out / "tensorboard", enabled=args.tensorboard, write=main_process, start=iteration,
+                       vis_set=val_set, split=args.select_on, tile=args.data.crop_size, amp=amp)
     if main_process:
         print(f"{args.method}: {len(split.labeled)} labelled, {len(split.unlabeled)} unlabelled pairs; "
               f"{iters_per_epoch} iterations/epoch, {total_iters} in all, on {device} x{world}")
@@ -217,6 +220,7 @@ def train(args: TrainArgs) -> dict[str, float]:
                       f"(s {terms['s']:.3f} u {terms['u']:.3f} c {terms['c']:.3f} vl {terms['vl']:.3f}) "
                       f"conf {record['confident']:.0%} lr {record['lr']:.2e} | {rate * args.batch_size * world:.1f} "
                       f"pairs/s, ETA {hms((total_iters - iteration) / max(rate, 1e-9))}", flush=True)
+                board.log_step(iteration, record, optimizer, pairs_per_s=rate * args.batch_size * world)
             if iteration >= total_iters:
                 break
         epoch += 1
@@ -228,6 +232,7 @@ def train(args: TrainArgs) -> dict[str, float]:
                 append_metrics(out / "metrics.jsonl", {"iteration": iteration, "epoch": epoch,
                                                        f"{args.select_on}": result.scores})
                 print(format_scores(f"epoch {epoch} {args.select_on}", result.scores), flush=True)
+                board.log_evaluation(iteration, result.scores, net)
                 if score > best:
                     best = score
                     save_checkpoint(out / "best.pt", model=net, args=args, epoch=epoch, iteration=iteration,
@@ -236,6 +241,7 @@ def train(args: TrainArgs) -> dict[str, float]:
                             best_score=best, optimizer=optimizer)
         if world > 1:
             dist.barrier()
+    board.close()
     return finish(args, net, device, amp, main_process, world)
 
 
