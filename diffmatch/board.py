@@ -93,7 +93,7 @@ class Board:
         if start == 0:
             for stale in log_dir.glob("events.out.tfevents.*"):
                 stale.unlink()
-        # A SessionLog.START at purge_step makes TensorBoard drop the earlier files' events at steps >= it:
+        # The restart marker written at purge_step makes TensorBoard drop earlier files' events at steps >= it:
         # start + 1 keeps the checkpoint's own step and drops what an interrupted run logged after it.
         writer = SummaryWriter(str(log_dir), purge_step=start + 1 if start else None)
         samples = [vis_set[i] for i in range(min(pairs, len(vis_set)))]
