@@ -204,6 +204,10 @@ class TrainArgs:
     """Split that picks ``best.pt``; ``test`` reproduces the authors' protocol."""
     max_iters: int | None = None
     """Stop after this many iterations in total (smoke tests and benchmarks); None: ``epochs``."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to ``out_dir/tensorboard``: loss terms, learning rates, λ_vl,
+    confident share, pairs/s, validation metrics and change maps of the first validation pairs (needs
+    ``pip install -e ".[tensorboard]"``)."""
 
     @property
     def model_for_inference(self) -> ModelConfig:

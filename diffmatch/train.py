@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from diffmatch import losses
+from diffmatch.board import Board
 from diffmatch.checkpoint import load_checkpoint, load_state, save_checkpoint
 from diffmatch.config import TrainArgs, to_dict
 from diffmatch.data import LabeledSet, UnlabeledSet, eval_set, repeat_to, semi_split
@@ -194,6 +195,8 @@ def train(args: TrainArgs) -> dict[str, float]:
             with atomic_path(out / f"{name}.txt") as tmp:
                 tmp.write_text("".join(i + "\n" for i in ids))
         (out / "metrics.jsonl").unlink(missing_ok=True)
+    board = Board.open(out / "tensorboard", enabled=args.tensorboard, write=main_process, start=iteration,
+                       vis_set=val_set, split=args.select_on, tile=args.data.crop_size, amp=amp)
     if main_process:
         print(f"{args.method}: {len(split.labeled)} labelled, {len(split.unlabeled)} unlabelled pairs; "
               f"{iters_per_epoch} iterations/epoch, {total_iters} in all, on {device} x{world}")
@@ -231,9 +234,10 @@ def train(args: TrainArgs) -> dict[str, float]:
                       f"(s {terms['s']:.3f} u {terms['u']:.3f} c {terms['c']:.3f} vl {terms['vl']:.3f}) "
                       f"conf {record['confident']:.0%} lr {record['lr']:.2e} | {rate * args.batch_size * world:.1f} "
                       f"pairs/s, ETA {hms((total_iters - iteration) / max(rate, 1e-9))}", flush=True)
+                board.log_step(iteration, record, optimizer, pairs_per_s=rate * args.batch_size * world)
             if iteration % args.eval_interval == 0 or iteration == total_iters:  # one schedule for all methods
                 if main_process:
-                    best = validate(args, net, val_set, device, amp, epoch, iteration, best)
+                    best = validate(args, net, val_set, device, amp, epoch, iteration, best, board)
                 if world > 1:
                     dist.barrier()
                 model.train()
@@ -245,11 +249,12 @@ def train(args: TrainArgs) -> dict[str, float]:
                             best_score=best, optimizer=optimizer, teacher=teacher)
         if world > 1:
             dist.barrier()
+    board.close()
     return finish(args, net, device, amp, main_process, world)
 
 
 def validate(args: TrainArgs, net: nn.Module, val_set: torch.utils.data.Dataset, device: torch.device, amp: bool,
-             epoch: int, iteration: int, best: float) -> float:
+             epoch: int, iteration: int, best: float, board: Board) -> float:
     """Score the network on the selection split, record it, keep ``best.pt``; returns the best IoU^c."""
     result = evaluate_model(net, val_set, device=device, tile=args.data.crop_size, amp=amp,
                             num_workers=min(args.num_workers, 2))
@@ -257,6 +262,7 @@ def validate(args: TrainArgs, net: nn.Module, val_set: torch.utils.data.Dataset,
     append_metrics(args.out_dir / "metrics.jsonl", {"iteration": iteration, "epoch": epoch,
                                                     f"{args.select_on}": result.scores})
     print(format_scores(f"it {iteration} {args.select_on}", result.scores), flush=True)
+    board.log_evaluation(iteration, result.scores, net)
     if score > best:
         save_checkpoint(args.out_dir / "best.pt", model=net, args=args, epoch=epoch, iteration=iteration,
                         best_score=score)
