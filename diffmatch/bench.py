@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +31,8 @@ import tyro
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from diffmatch import ceg, ceg_cli, synthetic, vlm
+from diffmatch import ceg, ceg_cli, comparison, synthetic, vlm
+from diffmatch.comparison import Regime
 from diffmatch.config import AugmentConfig, Backbone, CEGConfig, LossConfig, Method, ModelConfig, OptimConfig, to_dict
 from diffmatch.data import LabeledSet, UnlabeledSet, repeat_to
 from diffmatch.evaluate import pick_device
@@ -40,7 +41,7 @@ from diffmatch.inference import change_logits
 from diffmatch.model import build_model, param_groups
 from diffmatch.step import compute_losses, to_device
 
-Part = Literal["ceg", "data", "train", "inference"]
+Part = Literal["ceg", "data", "train", "inference", "methods"]
 PSEUDO = "pseudo_bench"
 """Folder under the data root that the CEG benchmark writes and the other benchmarks read."""
 
@@ -50,9 +51,18 @@ class Args:
     """Time CEG, the data pipeline, a training iteration and inference; print a table, write JSON."""
 
     parts: tuple[Part, ...] = ("ceg", "data", "train", "inference")
-    """Benchmarks to run."""
-    methods: tuple[Method, ...] = ("diffmatch",)
-    """Methods whose training iteration is timed."""
+    """Benchmarks to run; ``methods`` trains the methods to the end and compares their test scores
+    (README §7)."""
+    methods: tuple[Method, ...] | None = None
+    """Methods whose training iteration is timed (None: diffmatch) and that ``methods`` compares (None:
+    supervised, fixmatch, diffmatch)."""
+    seeds: tuple[int, ...] = (0,)
+    """Seeds of the ``methods`` comparison (labelled draw, augmentations, initialisation)."""
+    regime: Regime = field(default_factory=Regime)
+    """Budget of the ``methods`` comparison: data, model, iterations, loss terms and remedies."""
+    runs_dir: Path | None = None
+    """Folder for the comparison's data set, encoder and runs (kept, and a rerun resumes them); None: a
+    temporary folder."""
     backbone: Backbone = "resnet50"
     """Encoder of the model (random weights)."""
     batch_size: int = 8
@@ -253,6 +263,21 @@ def format_table(results: dict) -> str:
                      for row in cells)
 
 
+def bench_methods(args: Args, runs: Path) -> dict:
+    """Train the methods for every seed under ``args.regime`` on ``args.data`` (CEG labels made where
+    missing) or on a synthetic set written under ``runs``; the runs' test scores and their summary."""
+    root = args.data or runs / "data"
+    if args.data is None:
+        say(f"methods: writing {args.regime.pairs} synthetic pairs of {args.regime.size} px to {root}")
+        comparison.prepare_data(root, args.regime, workers=max(args.ceg_workers))
+    else:
+        comparison.prepare_labels(root, workers=max(args.ceg_workers))
+    start = time.perf_counter()
+    result = comparison.compare(root, runs, methods=args.methods or comparison.METHODS, seeds=args.seeds,
+                                regime=args.regime, device=args.device, workers=1)
+    return {**result, "seconds": time.perf_counter() - start}
+
+
 def check_args(args: Args) -> None:
     """Reject values that cannot run, naming the flag."""
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--crop", args.crop, 32),
@@ -278,8 +303,10 @@ def main(args: Args) -> dict:
     results: dict = {}
     report = {"machine": machine, "settings": {**to_dict(args), "amp_used": amp}, "results": results}
     with tempfile.TemporaryDirectory(prefix="diffmatch-bench-") as tmp:
+        if "methods" in args.parts:
+            results["methods"] = bench_methods(args, args.runs_dir or Path(tmp) / "methods")
         root = args.data or Path(tmp) / "synthetic"
-        if args.data is None:
+        if args.data is None and set(args.parts) - {"methods", "inference"}:
             say(f"writing a synthetic set to {root}")
             synthetic.generate(root, num_pairs=16, size=max(256, args.crop), verbose=False)
         ids = sorted(vlm.list_ids(root / "vlm" / "A"))
@@ -294,11 +321,14 @@ def main(args: Args) -> dict:
         if "train" in args.parts:
             results["train"] = [bench_train(root, ids, method=m, model_cfg=model_cfg, crop=args.crop, device=device,
                                             batch_size=args.batch_size, warmup=args.warmup, iters=args.iters, amp=amp)
-                                for m in args.methods]
+                                for m in args.methods or ("diffmatch",)]
     if "inference" in args.parts:
         results["inference"] = bench_inference(model_cfg, crop=args.crop, batch_size=args.batch_size, device=device,
                                                warmup=args.warmup, iters=args.iters, amp=amp)
-    print(format_table(results))
+    if set(args.parts) != {"methods"}:
+        print(format_table(results))
+    if "methods" in results:
+        print(comparison.format_summary(results["methods"]["summary"]))
     write_json(args.out, report)
     say(f"wrote {args.out}")
     return report

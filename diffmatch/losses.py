@@ -42,10 +42,11 @@ def class_thresholds(conf: Tensor, pseudo: Tensor, valid: Tensor, tau: float, nu
     """FlexMatch's class-wise thresholds (Zhang et al. 2021, Eq. 6–7 with the convex mapping), as a
     per-pixel map: τ_c = τ · β_c / (2 - β_c), β_c the number of valid pixels labelled c above τ over that
     of the class with most. A class the model is rarely sure of (change) gets a lower threshold, so its
-    pseudo labels are not drowned by the confident majority. Counted over the batch."""
+    pseudo labels are not drowned by the confident majority. Counted over the batch; a batch without any
+    pixel above τ keeps τ for every class."""
     above = (conf >= tau) & valid
     sigma = torch.stack([(above & (pseudo == c)).sum() for c in range(num_classes)]).to(conf.dtype)
-    beta = sigma / sigma.max().clamp(min=1)
+    beta = sigma / sigma.max() if bool(sigma.max() > 0) else torch.ones_like(sigma)  # nothing sure yet: τ
     return (tau * beta / (2 - beta))[pseudo.long().clamp(max=num_classes - 1)]
 
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
+from diffmatch.config import DataConfig, ModelConfig, TrainArgs
 from diffmatch.encoder import STAGE_CHANNELS, SiameseEncoder, dilated_resnet
 from diffmatch.files import InputError
 
@@ -151,3 +153,27 @@ def test_imagenet_weights_come_from_torchvision_enum(monkeypatch: pytest.MonkeyP
     enc = SiameseEncoder(backbone="resnet18", weights="imagenet")
     assert calls == ["ResNet18_Weights.IMAGENET1K_V1"]
     torch.testing.assert_close(enc.layer4[1].conv2.weight, state["layer4.1.conv2.weight"], rtol=0, atol=0)
+
+
+def test_imagenet_offline_says_what_to_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(self: object, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
+    with pytest.raises(InputError, match=r"cannot download the ImageNet weights of resnet18 .*resnet18-f37072fd\.pth"
+                                         r".*--model\.weights PATH.*--model\.weights none"):
+        SiameseEncoder(backbone="resnet18", weights="imagenet")
+
+
+def test_deep_stem_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "resnet50_v1c.pth"
+    state = {"stem.0.weight": torch.zeros(32, 3, 3, 3), "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in state.items()}}, path)
+    with pytest.raises(InputError, match=r"resnet50_v1c\.pth: a deep-stem ResNet .* --model\.weights imagenet"):
+        SiameseEncoder(backbone="resnet50", weights=str(path))
+
+
+def test_train_defaults_to_imagenet_weights_and_other_configs_do_not() -> None:
+    args = TrainArgs(data=DataConfig(root=Path("data")))
+    assert args.model.weights == "imagenet"
+    assert ModelConfig().weights == "none" and args.model_for_inference.weights == "none"

@@ -10,6 +10,7 @@ from diffmatch.losses import (
     LossTerms,
     ceg_ce_mean,
     ceg_ce_sum_over_all,
+    class_thresholds,
     confidence_weight,
     contrastive_balanced,
     contrastive_weighted,
@@ -162,3 +163,20 @@ def test_total_loss_weights() -> None:
     off = LossTerms(s=torch.tensor(1.0), u=torch.tensor(2.0), c=zero_like(terms.s), vl=zero_like(terms.s))
     assert total_loss(off, lambda_c=0.1, lambda_vl=0.1).item() == pytest.approx(1.5)
     assert zero_like(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_class_thresholds_lower_the_rarely_confident_class() -> None:
+    # Three confident "no change" pixels, one confident "change" pixel: β = (1, 1/3).
+    conf = torch.tensor([[0.99, 0.97, 0.96, 0.96, 0.60, 0.50]])
+    pseudo = torch.tensor([[0, 0, 0, 1, 1, 0]])
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    tau = class_thresholds(conf, pseudo, valid, 0.95)
+    low = 0.95 * (1 / 3) / (2 - 1 / 3)  # FlexMatch's convex mapping: 0.19
+    torch.testing.assert_close(tau, torch.tensor([[0.95, 0.95, 0.95, low, low, 0.95]]))
+    weight = confidence_weight(conf, valid, tau)
+    assert weight.tolist() == [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]  # the unsure change pixel now counts
+    # Equally confident classes keep τ, and so does a batch without any pixel above τ.
+    even = class_thresholds(conf, torch.tensor([[0, 1, 0, 1, 0, 1]]), valid, 0.95)
+    assert torch.isfinite(even).all() and float(even.max()) == pytest.approx(0.95)
+    none = class_thresholds(torch.full((1, 6), 0.5), pseudo, valid, 0.95)
+    torch.testing.assert_close(none, torch.full((1, 6), 0.95))

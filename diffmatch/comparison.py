@@ -1,0 +1,152 @@
+"""Supervised, FixMatch and DiffMatch trained with one budget over several seeds: the paper's claim
+(Tables 2–3) measured on a synthetic set a CPU can train on (README §7). Run by
+``python -m diffmatch.bench --parts methods`` and, smaller, by ``python -m diffmatch.demo``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from diffmatch import ceg_cli, pretrain, synthetic
+from diffmatch.config import Backbone, DataConfig, LossConfig, Method, ModelConfig, TrainArgs
+from diffmatch.files import read_id_list
+from diffmatch.train import train
+
+METHODS: tuple[Method, ...] = ("supervised", "fixmatch", "diffmatch")
+
+
+def regime_loss() -> LossConfig:
+    """The paper's loss settings with the two remedies the CPU budget needs (README §7): a supervised
+    warm-up and an EMA teacher."""
+    return LossConfig(warmup_iters=100, ema_teacher=0.99)
+
+
+@dataclass
+class Regime:
+    """One training budget for every method and seed (README §7)."""
+
+    pairs: int = 1000
+    """Synthetic pairs when no data set is given (70 % train, 10 % val, 20 % test)."""
+    size: int = 128
+    """Side of the synthetic images."""
+    label_ratio: float = 0.05
+    """Share of the training pairs with labels."""
+    crop: int = 64
+    """Side of the training crops (and of the evaluation windows)."""
+    backbone: Backbone = "resnet18"
+    """Encoder."""
+    decoder_channels: int = 64
+    """Width of the decoders."""
+    batch_size: int = 8
+    """Pairs per batch (labelled and each unlabelled batch)."""
+    iters: int = 400
+    """Training iterations of every method."""
+    eval_interval: int = 50
+    """Validation every this many iterations, for every method."""
+    pretrain_iters: int = 600
+    """Iterations of ``python -m diffmatch.pretrain`` for the initial encoder, shared by every method
+    and seed (a stand-in for ImageNet weights); 0: random initialisation."""
+    pretrain_scenes: int = 300
+    """Synthetic scenes of the pretraining (disjoint from the data set's)."""
+    loss: LossConfig = field(default_factory=regime_loss)
+    """Loss terms, switches and remedies of ``fixmatch`` and ``diffmatch``."""
+
+
+def prepare_data(root: Path, regime: Regime, *, seed: int = 0, workers: int = 1) -> None:
+    """A synthetic set at ``root`` (kept if complete) and its CEG labels for the training split."""
+    synthetic.generate(root, num_pairs=regime.pairs, size=regime.size, seed=seed, workers=workers, verbose=False)
+    prepare_labels(root, workers=workers)
+
+
+def prepare_labels(root: Path, *, workers: int = 1) -> None:
+    """CEG labels (``pseudo/``) of the training split, where they are missing."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        ceg_cli.main(ceg_cli.Args(root=root, split="train" if (root / "list" / "train.txt").is_file() else None,
+                                  workers=workers))
+
+
+def encoder_weights(path: Path, regime: Regime) -> str:
+    """The ``--model.weights`` of the regime: a pretrained encoder at ``path`` (made once), or ``none``."""
+    if regime.pretrain_iters == 0:
+        return "none"
+    if not path.is_file():
+        with contextlib.redirect_stdout(sys.stderr):
+            pretrain.pretrain(pretrain.Args(out=path, backbone=regime.backbone, iters=regime.pretrain_iters,
+                                            scenes=regime.pretrain_scenes, crop=min(64, regime.size)))
+    return str(path)
+
+
+def run_args(root: Path, method: Method, seed: int, regime: Regime, out_dir: Path, weights: str, *,
+             device: str | None = None, workers: int = 1) -> TrainArgs:
+    """The ``train`` settings of one method and seed under ``regime``."""
+    train_ids = read_id_list(root / "list" / "train.txt") if (root / "list" / "train.txt").is_file() else []
+    labelled = max(1, round(regime.label_ratio * len(train_ids)))
+    pairs = labelled if method == "supervised" else max(len(train_ids) - labelled, 1)
+    epochs = -(-regime.iters * regime.batch_size // pairs) + 1  # enough epochs; max_iters stops the run
+    return TrainArgs(
+        data=DataConfig(root=root, crop_size=regime.crop), label_ratio=regime.label_ratio, method=method,
+        epochs=epochs, batch_size=regime.batch_size,
+        model=ModelConfig(backbone=regime.backbone, weights=weights, decoder_channels=regime.decoder_channels),
+        loss=regime.loss, out_dir=out_dir, seed=seed, num_workers=workers, device=device,
+        log_every=max(1, regime.iters // 8), eval_interval=regime.eval_interval, max_iters=regime.iters)
+
+
+def run_method(args: TrainArgs) -> dict:
+    """Train one run (or read its finished ``test.json``); the test scores of ``best.pt`` and the last
+    weights."""
+    done = args.out_dir / "test.json"
+    if not done.is_file():
+        if (args.out_dir / "last.pt").is_file():
+            args = replace(args, resume=True)
+        with contextlib.redirect_stdout(sys.stderr):
+            train(args)
+    test = json.loads(done.read_text())
+    return {"best": {k: test[k] for k in ("iou", "f1", "precision", "recall")},
+            "last": {k: test["last"][k] for k in ("iou", "f1", "precision", "recall")}}
+
+
+def compare(root: Path, runs: Path, *, methods: tuple[Method, ...] = METHODS, seeds: tuple[int, ...] = (0,),
+            regime: Regime | None = None, device: str | None = None, workers: int = 1) -> dict:
+    """Every method for every seed on the data set at ``root`` (with CEG labels), runs under ``runs``;
+    returns the runs' scores and their mean and standard deviation per method."""
+    regime = regime or Regime()
+    name = f"encoder-{regime.backbone}-{regime.pretrain_scenes}x{regime.pretrain_iters}.pt"
+    weights = encoder_weights(runs / name, regime)
+    results: dict[str, dict[str, dict]] = {m: {} for m in methods}
+    for seed in seeds:
+        for method in methods:
+            print(f"{method}, seed {seed}: training {regime.iters} iterations", file=sys.stderr, flush=True)
+            args = run_args(root, method, seed, regime, runs / f"{method}-seed{seed}", weights, device=device,
+                            workers=workers)
+            results[method][str(seed)] = run_method(args)
+    return {"runs": results, "summary": {m: summarise(r) for m, r in results.items()}}
+
+
+def summarise(runs: dict[str, dict]) -> dict:
+    """Mean and sample standard deviation (0 for one run) of each score over the seeds."""
+    out: dict = {}
+    for which in ("best", "last"):
+        for key in ("iou", "f1"):
+            values = [r[which][key] for r in runs.values()]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            out.setdefault(which, {})[key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """One line per method: its name, then test IoU^c and F1^c of ``best.pt`` as mean ± std, then those of
+    the last weights."""
+    lines = []
+    for method, s in summary.items():
+        best, last = s["best"], s["last"]
+        lines.append(f"{method:<11} IoU^c {best['iou']['mean']:5.1f} ± {best['iou']['std']:4.1f}   "
+                     f"F1^c {best['f1']['mean']:5.1f} ± {best['f1']['std']:4.1f}   "
+                     f"(last weights: IoU^c {last['iou']['mean']:5.1f} ± {last['iou']['std']:4.1f}, "
+                     f"{best['iou']['n']} seed{'s' if best['iou']['n'] > 1 else ''})")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""The methods comparison: the encoder stand-in, the summary over seeds and the bench command that runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffmatch import pretrain
+from diffmatch.comparison import format_summary, summarise
+from diffmatch.encoder import SiameseEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pretrained_encoder_loads_as_model_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "enc.pt"
+    result = pretrain.pretrain(pretrain.Args(out=out, scenes=2, size=48, crop=32, iters=2, batch_size=2))
+    assert np.isfinite(result["loss"]) and 0 <= result["pixel_accuracy"] <= 100
+    state = torch.load(out, weights_only=True)
+    assert "conv1.weight" in state and not any(k.startswith(("fc.", "decoder.")) for k in state)
+    capsys.readouterr()
+    encoder = SiameseEncoder(backbone="resnet18", weights=str(out))
+    assert "warning" not in capsys.readouterr().out  # every key matches
+    torch.manual_seed(0)
+    fresh = SiameseEncoder(backbone="resnet18")
+    assert torch.equal(encoder.conv1.weight, state["conv1.weight"])
+    assert not torch.equal(encoder.conv1.weight, fresh.conv1.weight)
+
+
+def test_pretraining_scenes_cover_seven_classes_and_are_normalised() -> None:
+    images, covers = pretrain.draw_scenes(3, 48)
+    assert images.shape == (6, 3, 48, 48) and covers.shape == (6, 48, 48)
+    assert int(covers.min()) >= 0 and int(covers.max()) < pretrain.NUM_COVER
+    assert abs(float(images.mean())) < 3 and images.dtype == torch.float32
+    x, y = pretrain.random_batch(images, covers, 4, 32, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4, 32, 32)
+
+
+def test_summary_over_seeds_by_hand() -> None:
+    runs = {"0": {"best": {"iou": 10.0, "f1": 20.0}, "last": {"iou": 8.0, "f1": 16.0}},
+            "1": {"best": {"iou": 14.0, "f1": 24.0}, "last": {"iou": 8.0, "f1": 16.0}}}
+    s = summarise(runs)
+    assert s["best"]["iou"] == {"mean": 12.0, "std": pytest.approx(2**0.5 * 2), "n": 2}  # sample std of 10, 14
+    assert s["last"]["iou"]["std"] == 0.0
+    one = summarise({"3": runs["0"]})
+    assert one["best"]["f1"] == {"mean": 20.0, "std": 0.0, "n": 1}
+    lines = format_summary({"supervised": one, "diffmatch": s}).splitlines()
+    assert lines[0].startswith("supervised  IoU^c  10.0 ±  0.0   F1^c  20.0 ±  0.0")
+    assert lines[1].startswith("diffmatch   IoU^c  12.0 ±  2.8") and lines[1].endswith("2 seeds)")
+
+
+def test_bench_methods_prints_one_line_per_method(tmp_path: Path) -> None:
+    out = tmp_path / "methods.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "diffmatch.bench", "--parts", "methods", "--seeds", "0", "1", "--device", "cpu",
+         "--regime.pairs", "20", "--regime.size", "48", "--regime.crop", "32", "--regime.iters", "2",
+         "--regime.eval-interval", "1", "--regime.batch-size", "2", "--regime.label-ratio", "0.2",
+         "--regime.pretrain-iters", "1", "--regime.pretrain-scenes", "2", "--regime.loss.warmup-iters", "1",
+         "--regime.decoder-channels", "16", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["supervised", "fixmatch", "diffmatch"]
+    report = json.loads(out.read_text())["results"]["methods"]
+    assert set(report["runs"]["diffmatch"]) == {"0", "1"}
+    assert report["summary"]["fixmatch"]["best"]["iou"]["n"] == 2
+    for method in ("supervised", "fixmatch", "diffmatch"):
+        config = json.loads((tmp_path / "runs" / f"{method}-seed1" / "config.json").read_text())
+        assert config["max_iters"] == 2 and config["eval_interval"] == 1 and config["seed"] == 1
+        assert config["model"]["weights"].endswith("encoder-resnet18-2x1.pt")
