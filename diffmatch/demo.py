@@ -3,25 +3,37 @@
     python -m diffmatch.demo            # about 10 minutes on 2 CPU cores
     python -m diffmatch.demo --quick    # under a minute: a smoke test of the whole pipeline
 
-Generates a synthetic data set with simulated VLM outputs, runs CEG on it, trains ``supervised``,
-``fixmatch`` and ``diffmatch`` with the same number of iterations, evaluates each on the test split
-and prints one table.
+Generates a synthetic data set with simulated VLM outputs, runs CEG on it, pretrains a small encoder
+on other synthetic scenes (the stand-in for ImageNet weights), trains ``supervised``, ``fixmatch`` and
+``diffmatch`` with the same budget, evaluates each on the test split and prints one table. README §6
+shows its output; §7 the same comparison, larger and over seeds.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import io
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from diffmatch import ceg_cli, synthetic
-from diffmatch.config import DataConfig, ModelConfig, TrainArgs
-from diffmatch.files import InputError, read_id_list, write_json
-from diffmatch.train import train
+from diffmatch import ceg_cli, comparison
+from diffmatch.comparison import Regime
+from diffmatch.files import InputError, write_json
 
-METHODS = ("supervised", "fixmatch", "diffmatch")
+
+def demo_regime() -> Regime:
+    """The demo's budget: README §7's regime on fewer, smaller pairs and iterations."""
+    return Regime(pairs=400, size=96, iters=240, eval_interval=40, pretrain_iters=300, pretrain_scenes=200)
+
+
+def quick_regime() -> Regime:
+    """A budget that only checks every step runs."""
+    return Regime(pairs=40, size=64, crop=32, label_ratio=0.2, decoder_channels=16, batch_size=2, iters=4,
+                  eval_interval=2, pretrain_iters=2, pretrain_scenes=4,
+                  loss=replace(comparison.regime_loss(), warmup_iters=2))
 
 
 @dataclass
@@ -29,68 +41,33 @@ class Args:
     """Synthetic data, CEG, and the three methods trained with one budget; prints a table."""
 
     out: Path | None = None
-    """Folder for the data set and the runs; None: a temporary folder, removed at the end."""
+    """Folder for the data set, the encoder and the runs (a rerun resumes); None: a temporary folder."""
     quick: bool = False
     """A tiny run (under a minute) that exercises every step."""
-    pairs: int = 240
-    """Synthetic pairs (70 % train, 10 % val, 20 % test)."""
-    size: int = 96
-    """Side of the synthetic images."""
-    label_ratio: float = 0.1
-    """Share of the training pairs with labels."""
-    iters: int = 120
-    """Training iterations for each method (the same budget for all)."""
-    batch_size: int = 4
-    """Pairs per batch."""
-    backbone: str = "resnet18"
-    """Encoder (resnet18, resnet34, resnet50, resnet101); no pretrained weights are downloaded."""
+    regime: Regime = field(default_factory=demo_regime)
+    """Data, model, budget and loss settings (``--quick`` replaces them)."""
     device: str | None = None
     """``cpu``, ``cuda``; None: cuda when available."""
     workers: int = 2
-    """Processes for data generation, CEG and data loading."""
+    """Processes for data generation and CEG."""
     seed: int = 0
-    """Seed of the data, the labelled draw and the training runs."""
-
-    def sized(self) -> Args:
-        """The settings of ``--quick``, or these."""
-        if not self.quick:
-            return self
-        return Args(out=self.out, quick=True, pairs=40, size=64, label_ratio=0.2, iters=4, batch_size=2,
-                    backbone=self.backbone, device=self.device, workers=self.workers, seed=self.seed)
+    """Seed of the labelled draw and the training runs (the data set's is 0)."""
 
 
-def epochs_for(budget: int, pairs: int, batch_size: int) -> tuple[int, int]:
-    """Epochs that cover ``budget`` iterations over ``pairs`` pairs, and an evaluation interval that
-    gives about four evaluations."""
-    per_epoch = max(pairs // batch_size, 1)
-    epochs = math.ceil(budget / per_epoch)
-    return epochs, max(1, epochs // 4)
-
-
-def run(args: Args, root: Path) -> dict:
+def run(args: Args, regime: Regime, root: Path) -> dict:
     """Every step of the demo under ``root``; returns the table as a dict."""
     data, start = root / "data", time.time()
-    print(f"[1/3] synthetic data set: {args.pairs} pairs of {args.size}x{args.size} in {data}", flush=True)
-    synthetic.generate(data, num_pairs=args.pairs, size=args.size, seed=args.seed, workers=args.workers)
+    print(f"[1/3] synthetic data set: {regime.pairs} pairs of {regime.size}x{regime.size} in {data}", flush=True)
+    comparison.prepare_data(data, regime, workers=args.workers)
     print("[2/3] change event generation (CEG) from the simulated VLM outputs", flush=True)
-    table = ceg_cli.main(ceg_cli.Args(root=data, split="test", out_name="pseudo_test", workers=args.workers))
-    ceg_cli.main(ceg_cli.Args(root=data, split="train", workers=args.workers))
-    train_ids = read_id_list(data / "list" / "train.txt")
-    labelled = max(1, round(args.label_ratio * len(train_ids)))
-    results = {}
-    for i, method in enumerate(METHODS, 1):
-        pairs = labelled if method == "supervised" else len(train_ids) - labelled
-        epochs, _ = epochs_for(args.iters, pairs, args.batch_size)
-        print(f"[3/3] training {method} ({i}/3): {args.iters} iterations, {args.backbone}", flush=True)
-        run_args = TrainArgs(
-            data=DataConfig(root=data, crop_size=args.size), label_ratio=args.label_ratio, method=method,
-            epochs=epochs, batch_size=args.batch_size, model=ModelConfig(backbone=args.backbone),  # type: ignore[arg-type]
-            out_dir=root / "runs" / method, seed=args.seed, num_workers=args.workers, device=args.device,
-            log_every=max(1, args.iters // 5), eval_interval=max(1, args.iters // 4),
-            max_iters=args.iters)
-        results[method] = train(run_args)
-    summary = {"ceg_test": table["rows"] if table else None, "methods": results,
-               "settings": {k: str(v) for k, v in vars(args).items()}, "seconds": round(time.time() - start, 1)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        table = ceg_cli.main(ceg_cli.Args(root=data, split="test", out_name="pseudo_test", workers=args.workers))
+    print(f"[3/3] pretraining an encoder ({regime.pretrain_iters} iterations), then supervised, fixmatch and "
+          f"diffmatch for {regime.iters} iterations each ({regime.backbone}); progress on stderr", flush=True)
+    result = comparison.compare(data, root / "runs", seeds=(args.seed,), regime=regime, device=args.device)
+    methods = {m: runs[str(args.seed)] for m, runs in result["runs"].items()}
+    summary = {"ceg_test": table["rows"] if table else None, "methods": methods,
+               "regime": asdict(regime), "seconds": round(time.time() - start, 1)}
     write_json(root / "demo.json", summary)
     return summary
 
@@ -107,20 +84,22 @@ def print_table(summary: dict) -> None:
         name = f"CEG mixed, reliable {mixed['ratio']:.0f} % of pixels"
         print(f"{name:<35}{mixed['valid']['iou']:10.1f}   {mixed['valid']['f1']:9.1f}")
     for method, s in summary["methods"].items():
-        print(f"{method:<35}{s['iou']:10.1f}   {s['f1']:9.1f}")
-    print(f"({summary['seconds']:.0f} s)")
+        print(f"{method:<35}{s['best']['iou']:10.1f}   {s['best']['f1']:9.1f}")
+    print(f"({summary['seconds']:.0f} s; trained rows: best.pt picked on val)")
 
 
 def main(args: Args) -> dict:
-    args = args.sized()
-    if args.pairs < 10 or args.iters < 1:
-        raise InputError(f"--pairs {args.pairs} --iters {args.iters}: need at least 10 pairs and 1 iteration")
+    regime = quick_regime() if args.quick else args.regime
+    if regime.pairs < 10 or regime.iters < 1:
+        raise InputError(f"--regime.pairs {regime.pairs} --regime.iters {regime.iters}: need at least 10 pairs "
+                         "and 1 iteration")
     if args.out is not None:
-        summary = run(args, args.out)
+        summary = run(args, regime, args.out)
     else:
         with tempfile.TemporaryDirectory(prefix="diffmatch-demo-") as tmp:
-            summary = run(args, Path(tmp))
+            summary = run(args, regime, Path(tmp))
     print_table(summary)
+    sys.stdout.flush()
     return summary
 
 
