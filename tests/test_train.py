@@ -17,7 +17,7 @@ from torch import nn
 
 from diffmatch import train as train_module
 from diffmatch.checkpoint import load_checkpoint
-from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs
+from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs, to_dict
 from diffmatch.data import LabeledSample, UnlabeledSample
 from diffmatch.files import InputError
 from diffmatch.model import build_model
@@ -203,3 +203,13 @@ def test_resume_refuses_other_settings(data_root: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"last.pt: trained with other --batch-size, --seed"):
         train_module.train(tiny_args(data_root, out, method="supervised", max_iters=1, batch_size=1, seed=3,
                                      resume=True))
+
+
+def test_resume_accepts_a_run_saved_before_a_setting_existed(tmp_path: Path) -> None:
+    args = tiny_args(tmp_path, tmp_path / "run")
+    saved = to_dict(args)
+    del saved["data"]["label_threshold"]  # a checkpoint written before --data.label-threshold
+    train_module.check_same_run(saved, args, tmp_path / "last.pt")
+    with pytest.raises(InputError, match="trained with other --data;"):
+        train_module.check_same_run(saved, replace(args, data=replace(args.data, label_threshold=128)),
+                                    tmp_path / "last.pt")
