@@ -119,7 +119,9 @@ def check_data(needs: list[Need], *, label_threshold: int | None = None, show: b
         found = pair_problems(root, sample_id, label=label, pseudo_dir=pseudo, label_threshold=label_threshold,
                               absent=absent)
         problems += found
-        bad += bool(found)
+        needed = [root / name for name in ("A", "B", "label")[: 3 if label else 2]]
+        needed += [root / pseudo / name for name in ("change", "A", "B")] if pseudo is not None else []
+        bad += bool(found) or not absent.isdisjoint(needed)
         progress.step()
     seconds = time.perf_counter() - start
     if problems:

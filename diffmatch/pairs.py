@@ -64,12 +64,12 @@ def scan_pairs(root: Path, need_label: bool) -> Scan:
     return Scan(pairs, missing)
 
 
-def find_pairs(root: Path, need_label: bool, hint: str = "") -> list[dict[str, Path]]:
-    """``{A, B[, label]} -> file`` for every image of ``root/A`` (and ``root/B``), in natural name order;
-    a name without an image on either date (or without a label, when needed) is an error (plus ``hint``)."""
+def find_pairs(root: Path, need_label: bool) -> list[dict[str, Path]]:
+    """``{A, B[, label]} -> file`` for every image of ``root/A`` and ``root/B``, in natural name order; a
+    name without an image on either date (or without a label, when needed) is an error."""
     scan = scan_pairs(root, need_label)
     if scan.missing:
-        raise InputError(scan.missing[0] + hint)
+        raise InputError(scan.missing[0])
     return scan.pairs
 
 

@@ -111,8 +111,8 @@ def test_label_threshold_and_quiet_ranks(messy_root: Path, capsys: pytest.Captur
 
 
 def test_missing_folders_are_one_line_each(clean_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(InputError, match="1 problem in 0 of 8 pairs"):
-        check_data([*needs(clean_root), Need(clean_root, IDS, False, "pseudo_pixel")])
+    with pytest.raises(InputError, match="1 problem in 8 of 8 pairs"):
+        check_data([Need(clean_root, IDS, False, "pseudo_pixel")])
     assert capsys.readouterr().err.splitlines() == [
         f"{clean_root}/pseudo_pixel: folder not found; run `python -m diffmatch.ceg --root {clean_root} "
         "--out-name pseudo_pixel` first"]

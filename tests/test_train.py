@@ -140,7 +140,8 @@ def test_bad_flags_and_missing_pseudo_labels_exit_2(data_root: Path, tmp_path: P
     result = run_cli("diffmatch.train", "--data.root", str(bare), "--label-ratio", "0.5", "--batch-size", "1",
                      "--out-dir", str(tmp_path / "r"))
     assert result.returncode == 2
-    assert "pseudo/change: folder not found; run `python -m diffmatch.ceg --root" in result.stderr
+    assert f"{bare / 'pseudo'}: folder not found; run `python -m diffmatch.ceg --root" in result.stderr
+    assert "error: data check: 1 problem in 4 of 4 pairs" in result.stderr
 
 
 def test_two_process_gloo_run(data_root: Path, tmp_path: Path) -> None:
