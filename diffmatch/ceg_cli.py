@@ -60,6 +60,9 @@ class Args:
     """Worker processes."""
     overwrite: bool = False
     """Rewrite ids whose outputs already exist."""
+    label_threshold: int | None = None
+    """Binarise labels with values other than 0/255 or 0/1 for scoring: value >= T is change. None: such
+    a label is an error naming its values."""
 
 
 class PairStats(NamedTuple):
@@ -86,6 +89,8 @@ class _Job:
     write: bool
     size: tuple[int, int] | None
     """(H, W) of the pre-event image, when it exists, to check the VLM outputs against."""
+    label_threshold: int | None = None
+    """Binarise the label at this value (``files.read_label``)."""
 
 
 def _process(job: _Job) -> PairStats:
@@ -105,7 +110,7 @@ def _process(job: _Job) -> PairStats:
     total: dict[str, Confusion] = {}
     valid: dict[str, Confusion] = {}
     if evaluate:
-        label = read_label(label_path)
+        label = read_label(label_path, job.label_threshold)
         if label.shape != change.shape:
             raise InputError(f"{label_path}: size {label.shape} differs from the VLM output's "
                              f"{change.shape}; use the label of this image")
@@ -196,7 +201,8 @@ def main(args: Args) -> dict | None:
     if not evaluate:  # already-written ids need no work unless they are scored
         todo = {i: w for i, w in todo.items() if w}
     sizes = _image_sizes(args.root, list(todo))
-    jobs = [_Job(i, args.root, out, args.ceg, args.instances, w, sizes.get(i)) for i, w in todo.items()]
+    jobs = [_Job(i, args.root, out, args.ceg, args.instances, w, sizes.get(i), args.label_threshold)
+            for i, w in todo.items()]
     stats, progress = [], Progress("ceg", len(jobs), "pairs", file=sys.stderr)
     for stat in _run(jobs, args.workers):
         stats.append(stat)

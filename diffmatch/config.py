@@ -42,6 +42,9 @@ class DataConfig:
     """Split used to pick the best checkpoint."""
     test_split: str = "test"
     """Split reported at the end of training."""
+    label_threshold: int | None = None
+    """Binarise labels with values other than 0/255 or 0/1 (stray greys of an annotation tool, JPEG
+    noise): value >= T is change. None: such a label is an error naming the file and its values."""
 
 
 @dataclass
@@ -187,6 +190,9 @@ class TrainArgs:
     """Run folder: config, ids, metrics.jsonl, last.pt, best.pt."""
     resume: bool = False
     """Continue the run in ``out_dir`` from its ``last.pt``."""
+    check_data: bool = True
+    """Check every file the run will read (images, labels, pseudo labels) before building the model;
+    ``--no-check-data`` skips the check."""
     seed: int = 0
     """Seed of the labelled draw, the augmentations and the initialisation."""
     num_workers: int = 4

@@ -8,6 +8,7 @@ ROOT/pseudo/change/<id>.png  ROOT/pseudo/A/<id>.png  ROOT/pseudo/B/<id>.png    (
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +22,8 @@ from diffmatch.config import AugmentConfig, DataConfig
 from diffmatch.files import IMAGE_EXTS, InputError, read_id_list, read_label, read_mask, read_rgb
 
 IGNORE = augment.IGNORE
+LABEL_FLAG = "--data.label-threshold"
+"""The option named when a label has values other than 0/255 or 0/1."""
 
 
 # ----------------------------------------------------------------------------- ids and splits
@@ -178,13 +181,14 @@ class _PairSet(Dataset):
     """Shared part of the training sets: ids, pseudo labels, per-sample random streams."""
 
     def __init__(self, root: Path, ids: list[str], *, crop_size: int, augment_cfg: AugmentConfig,
-                 pseudo_dir: str | None, seed: int, need_label: bool) -> None:
+                 pseudo_dir: str | None, seed: int, need_label: bool, label_threshold: int | None = None) -> None:
         folders = ("A", "B", "label") if need_label else ("A", "B")
         require_files(root, ids, folders, "check the data set root and its list files")
         if pseudo_dir is not None:
             require_files(root / pseudo_dir, ids, ("change", "A", "B"), pseudo_hint(root, pseudo_dir))
         self.root, self.ids, self.crop_size, self.cfg = root, ids, crop_size, augment_cfg
         self.pseudo_dir, self.seed, self.epoch = pseudo_dir, seed, 0
+        self.read_label = partial(read_label, threshold=label_threshold, flag=LABEL_FLAG)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new augmentations for a new epoch (call before iterating a DataLoader)."""
@@ -196,7 +200,7 @@ class _PairSet(Dataset):
     def _load(self, index: int, with_label: bool) -> tuple[Image.Image, Image.Image, list[Image.Image]]:
         sample_id = self.ids[index]
         a, b = read_pair(self.root, sample_id)
-        masks = [read_sized(image_path(self.root, "label", sample_id), a.shape, read_label)] if with_label else []
+        masks = [read_sized(image_path(self.root, "label", sample_id), a.shape, self.read_label)] if with_label else []
         if self.pseudo_dir is not None:
             masks += read_pseudo(self.root, self.pseudo_dir, sample_id, a.shape)
         else:
@@ -205,12 +209,13 @@ class _PairSet(Dataset):
 
 
 class LabeledSet(_PairSet):
-    """Labelled training pairs (weak view), with CEG labels when ``pseudo_dir`` is given."""
+    """Labelled training pairs (weak view), with CEG labels when ``pseudo_dir`` is given; labels are
+    binarised at ``label_threshold`` when given (``files.read_label``)."""
 
     def __init__(self, root: Path, ids: list[str], *, crop_size: int, augment_cfg: AugmentConfig,
-                 pseudo_dir: str | None = None, seed: int = 0) -> None:
+                 pseudo_dir: str | None = None, seed: int = 0, label_threshold: int | None = None) -> None:
         super().__init__(root, ids, crop_size=crop_size, augment_cfg=augment_cfg, pseudo_dir=pseudo_dir,
-                         seed=seed, need_label=True)
+                         seed=seed, need_label=True, label_threshold=label_threshold)
 
     def __getitem__(self, index: int) -> LabeledSample:
         rng = sample_rng(self.seed, self.epoch, index)
@@ -243,11 +248,13 @@ class UnlabeledSet(_PairSet):
 
 
 class EvalSet(Dataset):
-    """Whole pairs with labels, unaugmented, for validation and testing."""
+    """Whole pairs with labels, unaugmented, for validation and testing (labels binarised at
+    ``label_threshold`` when given)."""
 
-    def __init__(self, root: Path, ids: list[str]) -> None:
+    def __init__(self, root: Path, ids: list[str], label_threshold: int | None = None) -> None:
         require_files(root, ids, ("A", "B", "label"), "check the data set root and its list files")
         self.root, self.ids = root, ids
+        self.read_label = partial(read_label, threshold=label_threshold, flag=LABEL_FLAG)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -255,7 +262,7 @@ class EvalSet(Dataset):
     def __getitem__(self, index: int) -> EvalSample:
         sample_id = self.ids[index]
         a, b = read_pair(self.root, sample_id)
-        label = read_sized(image_path(self.root, "label", sample_id), a.shape, read_label)
+        label = read_sized(image_path(self.root, "label", sample_id), a.shape, self.read_label)
         return EvalSample(augment.image_to_tensor(Image.fromarray(a)), augment.image_to_tensor(Image.fromarray(b)),
                           augment.mask_to_tensor(label), sample_id)
 
@@ -268,8 +275,13 @@ def repeat_to(ids: list[str], length: int) -> list[str]:
     return (ids * copies)[:length]
 
 
-def eval_set(data: DataConfig, split: str) -> EvalSet:
-    """The evaluation set of ``split``, from the split folder's list when it has one."""
+def eval_ids(data: DataConfig, split: str) -> list[str]:
+    """The ids of evaluation split ``split``, from the split folder's list when it has one."""
     if data.split_dir is not None and (data.split_dir / f"{split}.txt").exists():
-        return EvalSet(data.root, read_id_list(data.split_dir / f"{split}.txt"))
-    return EvalSet(data.root, list_ids(data.root, split))
+        return read_id_list(data.split_dir / f"{split}.txt")
+    return list_ids(data.root, split)
+
+
+def eval_set(data: DataConfig, split: str) -> EvalSet:
+    """The evaluation set of ``split`` (``eval_ids``)."""
+    return EvalSet(data.root, eval_ids(data, split), data.label_threshold)

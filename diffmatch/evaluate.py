@@ -124,6 +124,8 @@ class Args:
     """``cpu``, ``cuda`` or ``cuda:N``; None: cuda when available."""
     amp: bool = False
     """bf16 autocast on CUDA."""
+    check_data: bool = True
+    """Check every pair of the split and its label before loading the model; ``--no-check-data`` skips it."""
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -138,8 +140,11 @@ def pick_device(name: str | None) -> torch.device:
 
 def main(args: Args) -> dict[str, float]:
     from diffmatch.checkpoint import model_from_checkpoint
+    from diffmatch.checks import check_eval_data
 
     device = pick_device(args.device)
+    if args.check_data:
+        check_eval_data(args.data, args.split)
     model, train_args = model_from_checkpoint(args.checkpoint, device)
     dataset = eval_set(args.data, args.split)
     result = evaluate_model(model, dataset, device=device, tile=args.tile or train_args.data.crop_size,

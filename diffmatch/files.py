@@ -72,8 +72,15 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def read_label(path: Path) -> np.ndarray:
-    """A change mask as uint8 (H, W) in {0, 1}; accepts {0, 255} or {0, 1}, grey, RGB(A) or palette."""
+def read_label(path: Path, threshold: int | None = None, flag: str = "--label-threshold") -> np.ndarray:
+    """A change mask as uint8 (H, W) in {0, 1}; accepts {0, 255} or {0, 1}, grey, RGB(A) or palette.
+
+    Any other value is an error naming the file, the values, their pixel count and ``flag``; with
+    ``threshold`` T such a label is binarised instead: value >= T is change (for colour labels, the
+    brightest channel). Labels already in {0, 255} or {0, 1} are read as they are, whatever T.
+    """
+    if threshold is not None and threshold < 1:
+        raise InputError(f"{flag} {threshold}: must be at least 1 (value >= T is change)")
     image = _open(path)
     if image.mode == "P":
         image = image.convert("RGBA")
@@ -83,15 +90,27 @@ def read_label(path: Path) -> np.ndarray:
         if image.mode in ("LA", "RGBA") and array.shape[2] in (2, 4):
             channels = np.where(array[..., -1:] == 0, 0, channels)  # transparent = no change
         if not (channels == channels[..., :1]).all():
-            raise InputError(f"{path}: label has differing colour channels; save it as a grey 0/255 PNG")
+            if threshold is None:
+                raise InputError(f"{path}: label has differing colour channels; save it as a grey 0/255 PNG "
+                                 f"or pass {flag} T (brightest channel >= T is change)")
+            channels = channels.max(axis=2, keepdims=True)
         array = channels[..., 0]
-    values = np.unique(array)
-    if np.isin(values, (0, 1)).all():
+    full = array == 255
+    if (full | (array == 0)).all():  # comparisons, not a sort: labels are read every epoch
+        return full.astype(np.uint8)
+    if (array <= 1).all() and (array >= 0).all():
         return array.astype(np.uint8)
-    if np.isin(values, (0, 255)).all():
-        return (array == 255).astype(np.uint8)
-    shown = ", ".join(str(v) for v in values[:8])
-    raise InputError(f"{path}: label values {{{shown}}} are not {{0, 255}} or {{0, 1}}; binarise it")
+    if threshold is not None:
+        return (array >= threshold).astype(np.uint8)
+    values = np.unique(array)
+    high = 1 if 1 in values and 255 not in values else 255  # {0, 1, 2} is a 0/1 label, {0, 21, 252} a 0/255 one
+    stray = values[~np.isin(values, (0, high))]
+    count = int(np.isin(array, stray).sum())
+    shown = [str(v) for v in stray] if len(stray) <= 6 else [*map(str, stray[:5]), "...", str(stray[-1])]
+    many = f" ({len(stray)} values)" if len(stray) > 6 else ""
+    cut = 128 if high == 255 else 1
+    raise InputError(f"{path}: {count:,} of {array.size:,} label pixels have values {{{', '.join(shown)}}}{many}, "
+                     f"not 0 or {high}; pass {flag} {cut} to binarise the labels (value >= {cut} is change)")
 
 
 def read_mask(path: Path) -> np.ndarray:

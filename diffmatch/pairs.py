@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -31,8 +32,18 @@ def images_in(folder: Path) -> dict[str, Path]:
     return found
 
 
-def find_pairs(root: Path, need_label: bool) -> list[dict[str, Path]]:
-    """``{A, B[, label]} -> file`` for every image of ``root/A``, in natural name order."""
+class Scan(NamedTuple):
+    """The complete pairs of a folder and a line for every name that lacks a file."""
+
+    pairs: list[dict[str, Path]]
+    """``{A, B[, label]} -> file`` per complete pair, in natural name order."""
+    missing: list[str]
+    """For each name with an image on one date only (or without a label, when labels are needed): the
+    file that exists and what is missing, in natural name order."""
+
+
+def scan_pairs(root: Path, need_label: bool) -> Scan:
+    """Match the images of ``root/A``, ``root/B`` (and ``root/label``) by name without extension."""
     for kind in KINDS if need_label else ("A", "B"):
         if not (root / kind).is_dir():
             raise InputError(f"{root / kind}: folder not found; {root} must hold A/, B/"
@@ -40,12 +51,26 @@ def find_pairs(root: Path, need_label: bool) -> list[dict[str, Path]]:
     found = {kind: images_in(root / kind) for kind in KINDS}
     if not found["A"]:
         raise InputError(f"{root / 'A'}: no images found ({', '.join(IMAGE_EXTS)})")
-    for stem, path in found["A"].items():
-        for kind in KINDS if need_label else ("B",):
-            if stem not in found[kind]:
-                raise InputError(f"{path}: no {kind} image named {stem}.* in {root / kind}")
-    return [{kind: found[kind][stem] for kind in KINDS if stem in found[kind]}
-            for stem in sorted(found["A"], key=natural_key)]
+    needed = KINDS if need_label else ("A", "B")
+    pairs, missing = [], []
+    for stem in sorted(found["A"].keys() | found["B"].keys(), key=natural_key):
+        have = {kind: found[kind][stem] for kind in KINDS if stem in found[kind]}
+        lacking = [kind for kind in needed if kind not in have]
+        if lacking:
+            where = ", ".join(str(root / kind) for kind in lacking)
+            missing.append(f"{next(iter(have.values()))}: no {' or '.join(lacking)} image named {stem}.* in {where}")
+        else:
+            pairs.append(have)
+    return Scan(pairs, missing)
+
+
+def find_pairs(root: Path, need_label: bool) -> list[dict[str, Path]]:
+    """``{A, B[, label]} -> file`` for every image of ``root/A`` and ``root/B``, in natural name order; a
+    name without an image on either date (or without a label, when needed) is an error."""
+    scan = scan_pairs(root, need_label)
+    if scan.missing:
+        raise InputError(scan.missing[0])
+    return scan.pairs
 
 
 def pair_size(sources: dict[str, Path], skip_mismatch: bool = False, hint: str = "") -> tuple[int, int] | None:

@@ -3,13 +3,18 @@
     python -m diffmatch.predict --checkpoint best.pt --a pre.png --b post.png --out change.png
     python -m diffmatch.predict --checkpoint best.pt --src scenes --out maps
 
-One pair (``--a``, ``--b``) writes the mask to ``--out``; a folder (``--src`` with ``A/`` and ``B/``,
-files paired by name without extension, any of ``files.IMAGE_EXTS``) writes ``OUT/<id>.png`` per pair
-and skips pairs whose outputs exist unless ``--overwrite``. Masks are 0/255 PNGs. ``--probability``
-adds ``<id>_prob.png``, the change probability as an 8-bit grey PNG (round(255 p)); ``--overlay`` adds
-``<id>_overlay.png``, the post-event image with changed pixels tinted red. Pairs larger than the tile
-are predicted with overlapping windows whose logits are averaged (``inference.change_margin``): the
-model only ever sees a batch of windows, and a pair costs about 14 bytes a pixel on the CPU.
+One pair (``--a``, ``--b``) writes the mask to ``--out`` (``.png``, or ``.tif``); ``--probability`` adds
+``<stem>_prob`` beside it, the change probability as 8-bit grey (round(255 p)), and ``--overlay`` adds
+``<stem>_overlay``, the post-event image with changed pixels tinted red. A folder (``--src`` with ``A/``
+and ``B/``, files paired by name without extension, any of ``files.IMAGE_EXTS``) writes ``OUT/<id>``,
+``OUT/prob/<id>`` and ``OUT/overlay/<id>`` per pair (so no pair's name meets another's outputs) and
+skips pairs whose outputs exist unless ``--overwrite``. Masks are 0/255.
+
+GeoTIFF in, GeoTIFF out: outputs named ``.tif`` (in folder mode: those of a geo-referenced pre-event
+TIFF) are TIFFs carrying the pre-event image's geo-referencing tags (``geotiff.GEO_TAGS``), so they open
+in place in a GIS. Pairs larger than the tile are predicted with overlapping windows whose logits are
+averaged (``inference.change_margin``): the model only ever sees a batch of windows, and a pair costs
+about 14 bytes a pixel on the CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 from diffmatch.checkpoint import model_from_checkpoint
 from diffmatch.evaluate import pick_device
 from diffmatch.files import InputError, read_rgb, write_png
+from diffmatch.geotiff import TIFF_EXTS, GeoTags, geo_tags, write_tiff
 from diffmatch.inference import change_margin, model_device, window_grid
 from diffmatch.pairs import find_pairs, no_pixel_limit, pair_size
 from diffmatch.progress import Progress
@@ -43,7 +49,8 @@ class Args:
     checkpoint: Path
     """``best.pt`` or ``last.pt`` of a training run."""
     out: Path
-    """The mask file (``.png``) for ``--a``/``--b``, or the output folder for ``--src``."""
+    """The mask file (``.png``, or ``.tif`` to keep a GeoTIFF's geo-referencing) for ``--a``/``--b``, or the
+    output folder for ``--src``."""
     a: Path | None = None
     """Pre-event image of one pair (with ``--b``)."""
     b: Path | None = None
@@ -63,17 +70,31 @@ class Args:
     threshold: float = 0.5
     """A pixel is changed where its change probability exceeds this; 0.5 is the argmax."""
     probability: bool = False
-    """Also write ``<id>_prob.png``: the change probability as 8-bit grey, round(255 p)."""
+    """Also write the change probability as 8-bit grey, round(255 p): ``<stem>_prob`` beside ``--out``,
+    or ``OUT/prob/<id>`` in folder mode."""
     overlay: bool = False
-    """Also write ``<id>_overlay.png``: the post-event image with changed pixels tinted red."""
+    """Also write the post-event image with changed pixels tinted red: ``<stem>_overlay`` beside
+    ``--out``, or ``OUT/overlay/<id>`` in folder mode."""
     overwrite: bool = False
     """Folder mode: predict pairs whose outputs already exist (default: skip them)."""
 
 
-def output_paths(mask: Path, probability: bool, overlay: bool) -> list[Path]:
-    """The mask path, then ``<stem>_prob.png`` and ``<stem>_overlay.png`` beside it when asked for."""
+def output_paths(mask: Path, probability: bool, overlay: bool, folder: bool = False) -> list[Path]:
+    """The mask path, then those of the probability and the overlay when asked for: ``<stem>_prob`` and
+    ``<stem>_overlay`` beside the mask, or with ``folder`` ``prob/<name>`` and ``overlay/<name>`` in its
+    folder (where a pair named ``x_prob`` would meet the probability of ``x``)."""
     extra = [name for name, wanted in (("prob", probability), ("overlay", overlay)) if wanted]
-    return [mask, *(mask.with_name(f"{mask.stem}_{name}.png") for name in extra)]
+    if folder:
+        return [mask, *(mask.parent / name / mask.name for name in extra)]
+    return [mask, *(mask.with_name(f"{mask.stem}_{name}{mask.suffix}") for name in extra)]
+
+
+def write_output(path: Path, array: np.ndarray, geo: GeoTags | None) -> None:
+    """A uint8 output as a TIFF carrying ``geo`` when ``path`` ends in ``.tif``/``.tiff``, else as PNG."""
+    if path.suffix.lower() in TIFF_EXTS:
+        write_tiff(path, array, geo)
+    else:
+        write_png(path, array)
 
 
 def margin_threshold(threshold: float) -> float:
@@ -134,14 +155,18 @@ def pairs_of(args: Args) -> dict[str, tuple[Path, Path, Path]]:
         if not args.src.is_dir():
             raise InputError(f"{args.src}: folder not found; pass a folder holding A/ and B/ as --src")
         found = find_pairs(args.src, need_label=False)
-        return {s["A"].stem: (s["A"], s["B"], args.out / f"{s['A'].stem}.png") for s in found}
+        suffix = {s["A"].stem: ".tif" if geo_tags(s["A"]) else ".png" for s in found}  # GeoTIFF in, GeoTIFF out
+        return {s["A"].stem: (s["A"], s["B"], args.out / f"{s['A'].stem}{suffix[s['A'].stem]}") for s in found}
     if args.a is None or args.b is None:
         raise InputError("--a/--b: give both images of the pair (or a folder of pairs as --src)")
     for path in (args.a, args.b):
         if not path.is_file():
             raise InputError(f"{path}: file not found")
-    if args.out.suffix.lower() != ".png":
-        raise InputError(f"--out {args.out}: the mask of one pair is a .png file; name it e.g. change.png")
+    if args.out.suffix.lower() not in (".png", *TIFF_EXTS):
+        raise InputError(f"--out {args.out}: the mask of one pair is a .png or .tif file; name it e.g. change.png")
+    if args.out.suffix.lower() == ".png" and geo_tags(args.a):
+        print(f"note: {args.a} is a GeoTIFF; name --out with .tif (e.g. {args.out.with_suffix('.tif')}) to keep "
+              "its geo-referencing", flush=True)
     return {args.out.stem: (args.a, args.b, args.out)}
 
 
@@ -159,21 +184,25 @@ def main(args: Args) -> list[Path]:
     resume = args.src is not None and not args.overwrite
     progress, written = Progress("predict", len(pairs), "pairs"), []
     for pair_id, (path_a, path_b, mask_path) in pairs.items():
-        outputs = output_paths(mask_path, args.probability, args.overlay)
+        outputs = output_paths(mask_path, args.probability, args.overlay, folder=args.src is not None)
         if resume and all(p.is_file() for p in outputs):
             progress.step()
             continue
         with no_pixel_limit():  # large scenes are expected here; the window batch bounds the model's memory
             pair_size({"A": path_a, "B": path_b})
             a, b = read_rgb(path_a), read_rgb(path_b)
+        geo = geo_tags(path_a) if mask_path.suffix.lower() in TIFF_EXTS else None
+        if geo is not None and geo_tags(path_b) not in (None, geo):
+            print(f"note: {path_b} is geo-referenced differently from {path_a}; the outputs carry the latter's",
+                  flush=True)
         margin = predict_margin(model, a, b, tile=tile, overlap=overlap, batch_size=args.batch_size,
                                 amp=args.amp, name=pair_id)
         mask = change_mask(margin, args.threshold)
-        write_png(outputs[0], mask)
+        write_output(outputs[0], mask, geo)
         if args.probability:
-            write_png(outputs[1], probability_image(margin))
+            write_output(outputs[1], probability_image(margin), geo)
         if args.overlay:
-            write_png(outputs[-1], overlay_image(b, mask))
+            write_output(outputs[-1], overlay_image(b, mask), geo)
         written.append(mask_path)
         progress.step()
     return written

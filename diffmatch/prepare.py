@@ -9,9 +9,11 @@ with ``.png``, as in the UniMatch/DiffMatch split lists). Tile ids:
   row-major over the whole tiles; right and bottom leftovers are dropped, so the published
   32,507 x 15,354 pair gives 126 x 59 = 7,434 tiles, the count of the WHU-CD-256 split lists (whether
   that archive numbered its tiles in this order is not known; ``--split-dir`` reuses its lists as is).
-- ``folder`` (any ``SRC/{A,B[,label]}``, any size and image format): ``<stem>_<row>_<col>``, 0-based;
-  leftovers padded (image 0, label 0 = no change) or dropped. Pairs without a label are written as
-  A/B only and listed in ``list/unlabeled.txt``.
+- ``folder`` (any ``SRC/{A,B[,label]}``, any size and image format, GeoTIFF included: the PNG tiles do
+  not keep its geo-referencing): ``<stem>_<row>_<col>``, 0-based; leftovers padded (image 0, label 0 =
+  no change) or dropped. Pairs without a label are written as A/B only and listed in
+  ``list/unlabeled.txt``; pairs missing a date or of differing sizes stop the command, or with
+  ``--mismatch skip`` are left out with one line each.
 
 Resumable: a scene, pair or WHU date whose tiles all exist is not read again unless ``--overwrite``;
 files are written atomically. Example: ``python -m diffmatch.prepare levir --src LEVIR-CD --out LEVIR-CD256``
@@ -28,7 +30,8 @@ import numpy as np
 import tyro
 
 from diffmatch.files import IMAGE_EXTS, InputError, atomic_path, read_label, read_rgb, run_cli, write_png
-from diffmatch.pairs import KINDS, find_pairs, no_pixel_limit, pair_size
+from diffmatch.geotiff import geo_tags
+from diffmatch.pairs import KINDS, find_pairs, no_pixel_limit, pair_size, scan_pairs
 from diffmatch.progress import Progress
 
 TILE = 256
@@ -45,6 +48,9 @@ class LevirArgs:
     """Output data set root."""
     splits: tuple[str, ...] = ("train", "val", "test")
     """Split folders to convert; each must exist under ``src``."""
+    label_threshold: int | None = None
+    """Binarise labels with values other than 0/255 or 0/1 (stray greys from an annotation tool, JPEG
+    noise): value >= T is change. None: such a label stops the command, naming its values."""
     overwrite: bool = False
     """Rewrite tiles that already exist (default: skip finished scenes)."""
 
@@ -69,6 +75,9 @@ class WhuArgs:
     of the published sizes (scaled to the number of tiles)."""
     seed: int = 0
     """Seed of the split drawn without ``--split-dir``."""
+    label_threshold: int | None = None
+    """Binarise labels with values other than 0/255 or 0/1 (stray greys from an annotation tool, JPEG
+    noise): value >= T is change. None: such a label stops the command, naming its values."""
     overwrite: bool = False
     """Rewrite tiles that already exist (default: skip dates whose tiles all exist)."""
 
@@ -88,7 +97,12 @@ class FolderArgs:
     list_name: str = "train"
     """Name of the list of labelled tiles, ``list/<name>.txt``."""
     mismatch: Literal["error", "skip"] = "error"
-    """Pairs whose A, B or label differ in size: stop with an error, or skip them with a warning."""
+    """Pairs missing a date (an A without a B or the reverse), or whose A, B or label differ in size:
+    stop with an error, or skip them with one warning line each (a pair without a label is not skipped:
+    it is listed as unlabelled)."""
+    label_threshold: int | None = None
+    """Binarise labels with values other than 0/255 or 0/1 (stray greys from an annotation tool, JPEG
+    noise): value >= T is change. None: such a label stops the command, naming its values."""
     overwrite: bool = False
     """Rewrite tiles that already exist (default: skip finished pairs)."""
 
@@ -108,11 +122,11 @@ def cut(array: np.ndarray, row: int, col: int, tile: int) -> np.ndarray:
 
 
 def write_tiles(out: Path, sources: dict[str, Path], ids: list[list[str]], tile: int, overwrite: bool,
-                progress: Progress | None = None) -> list[str]:
+                progress: Progress | None = None, label_threshold: int | None = None) -> list[str]:
     """Cut each source (kind -> file) into tiles named ``ids[row][col]``; return the ids, row-major.
 
     A source whose tiles all exist is not read (resume), unless ``overwrite``. ``progress`` steps once
-    per row of tiles.
+    per row of tiles. Labels are binarised at ``label_threshold`` when given (``files.read_label``).
     """
     flat = [i for row in ids for i in row]
     for kind, path in sources.items():
@@ -120,7 +134,7 @@ def write_tiles(out: Path, sources: dict[str, Path], ids: list[list[str]], tile:
             if progress:
                 progress.step(len(ids))
             continue
-        array = read_label(path) * np.uint8(255) if kind == "label" else read_rgb(path)
+        array = read_label(path, label_threshold) * np.uint8(255) if kind == "label" else read_rgb(path)
         for r, row in enumerate(ids):
             for c, tile_id in enumerate(row):
                 write_png(out / kind / f"{tile_id}.png", cut(array, r, c, tile))
@@ -149,7 +163,8 @@ def prepare_levir(args: LevirArgs) -> dict[str, list[str]]:
                                  "use `prepare folder` for scenes of other sizes")
             rows, cols, stem = height // TILE, width // TILE, sources["A"].stem
             ids = [[f"{stem}_{r * cols + c + 1}" for c in range(cols)] for r in range(rows)]
-            lists[split] += write_tiles(args.out, sources, ids, TILE, args.overwrite)
+            lists[split] += write_tiles(args.out, sources, ids, TILE, args.overwrite,
+                                        label_threshold=args.label_threshold)
             progress.step()
         write_list(args.out, split, lists[split])
     return lists
@@ -196,7 +211,7 @@ def prepare_whu(args: WhuArgs) -> dict[str, list[str]]:
             raise InputError(f"{sources['A']}: {width}x{height} is smaller than one {TILE}x{TILE} tile")
         ids = [[f"whucd_{r * cols + c + 1:05d}" for c in range(cols)] for r in range(rows)]
         progress = Progress("whu", len(KINDS) * rows, "tile rows")
-        flat = write_tiles(args.out, sources, ids, TILE, args.overwrite, progress)
+        flat = write_tiles(args.out, sources, ids, TILE, args.overwrite, progress, args.label_threshold)
     if given is not None:
         written = set(flat)
         missing = [i for ids_ in given.values() for i in ids_ if i not in written]
@@ -226,24 +241,41 @@ def read_split(split_dir: Path) -> dict[str, list[str]]:
 
 def prepare_folder(args: FolderArgs) -> dict[str, list[str]]:
     """Cut every pair of a folder into tiles; return the labelled and the unlabelled tile ids."""
-    pairs = find_pairs(args.src, need_label=False)
+    skip, hint = args.mismatch == "skip", " (or pass --mismatch skip)"
+    scan = scan_pairs(args.src, need_label=False)
+    if scan.missing and not skip:
+        raise InputError(f"{scan.missing[0]}; add it{hint}")
+    for line in scan.missing:
+        print(f"skipped: {line}", flush=True)
     lists: dict[str, list[str]] = {args.list_name: [], "unlabeled": []}
-    progress = Progress("folder", len(pairs), "pairs")
-    for sources in pairs:
-        size = pair_size(sources, args.mismatch == "skip", hint=" (or pass --mismatch skip)")
+    progress, mismatched, geo = Progress("folder", len(scan.pairs), "pairs"), 0, None
+    for sources in scan.pairs:
+        size = pair_size(sources, skip, hint=hint)
         if size is None:
+            mismatched += 1
             progress.step()
             continue
+        geo = geo or next((path for path in sources.values() if geo_tags(path)), None)
         extra = args.tile - 1 if args.border == "pad" else 0  # pad: round the grid up
         rows, cols = (size[0] + extra) // args.tile, (size[1] + extra) // args.tile
         stem = sources["A"].stem
         ids = [[f"{stem}_{r}_{c}" for c in range(cols)] for r in range(rows)]
         name = args.list_name if "label" in sources else "unlabeled"
-        lists[name] += write_tiles(args.out, sources, ids, args.tile, args.overwrite)
+        lists[name] += write_tiles(args.out, sources, ids, args.tile, args.overwrite,
+                                   label_threshold=args.label_threshold)
         progress.step()
     for name, ids_ in lists.items():
         if ids_:
             write_list(args.out, name, ids_)
+    written = [f"{len(ids_)} {'unlabelled' if name == 'unlabeled' else 'labelled'} tiles in list/{name}.txt"
+               for name, ids_ in lists.items() if ids_]
+    skipped = len(scan.missing) + mismatched
+    print(f"folder: cut {len(scan.pairs) - mismatched} pairs into {' and '.join(written) or 'no tiles'}; skipped "
+          f"{skipped} pair{'' if skipped == 1 else 's'} ({len(scan.missing)} missing a date, {mismatched} of "
+          "differing sizes)", flush=True)
+    if geo is not None:
+        print(f"note: GeoTIFF input (e.g. {geo}): the PNG tiles do not keep its geo-referencing; predict on "
+              "the whole pair writes geo-referenced maps", flush=True)
     return lists
 
 

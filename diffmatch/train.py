@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from diffmatch import losses
 from diffmatch.board import Board
 from diffmatch.checkpoint import load_checkpoint, load_state, save_checkpoint
-from diffmatch.config import TrainArgs, to_dict
+from diffmatch.checks import check_training_data
+from diffmatch.config import TrainArgs, from_dict, to_dict
 from diffmatch.data import LabeledSet, UnlabeledSet, eval_set, repeat_to, semi_split
 from diffmatch.evaluate import evaluate_model, format_scores, pick_device
 from diffmatch.files import InputError, atomic_path, write_json
@@ -47,9 +48,8 @@ def make_loaders(args: TrainArgs, labeled: list[str], unlabeled: list[str], rank
                  pin_memory: bool = False) -> Loaders:
     """One epoch is a pass over the unlabelled set, the labelled ids repeated to match (over the
     labelled set for ``supervised``); each process sees its own shard of every epoch."""
-    wants_pseudo = args.method == "diffmatch" and (args.loss.vl_guidance or args.loss.seg_guidance)
-    pseudo_dir = args.data.pseudo_dir if wants_pseudo else None
-    common = {"crop_size": args.data.crop_size, "augment_cfg": args.augment, "pseudo_dir": pseudo_dir}
+    common = {"crop_size": args.data.crop_size, "augment_cfg": args.augment, "pseudo_dir": pseudo_dir_of(args)}
+    threshold = args.data.label_threshold
 
     def loader(dataset: torch.utils.data.Dataset, stream: int) -> DataLoader:
         if len(dataset) < args.batch_size * world:
@@ -61,15 +61,23 @@ def make_loaders(args: TrainArgs, labeled: list[str], unlabeled: list[str], rank
                           drop_last=True, pin_memory=pin_memory)
 
     if args.method == "supervised":
-        return Loaders(loader(LabeledSet(args.data.root, labeled, seed=args.seed, **common), 0), None, None)
+        return Loaders(loader(LabeledSet(args.data.root, labeled, seed=args.seed, label_threshold=threshold,
+                                         **common), 0), None, None)
     if not unlabeled:
         raise InputError(f"--label-ratio {args.label_ratio} leaves no unlabelled pairs for {args.method}; "
                          "lower it or use --method supervised")
     u_root = args.data.unlabeled_root or args.data.root
-    x = LabeledSet(args.data.root, repeat_to(labeled, len(unlabeled)), seed=args.seed, **common)
+    x = LabeledSet(args.data.root, repeat_to(labeled, len(unlabeled)), seed=args.seed, label_threshold=threshold,
+                   **common)
     u = UnlabeledSet(u_root, unlabeled, seed=args.seed + 1, **common)
     u2 = UnlabeledSet(u_root, unlabeled, seed=args.seed + 2, **common)
     return Loaders(loader(x, 0), loader(u, 1), loader(u2, 2))
+
+
+def pseudo_dir_of(args: TrainArgs) -> str | None:
+    """The CEG pseudo-label folder the method reads, or None when no loss term uses it."""
+    wants_pseudo = args.method == "diffmatch" and (args.loss.vl_guidance or args.loss.seg_guidance)
+    return args.data.pseudo_dir if wants_pseudo else None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -112,7 +120,7 @@ RUN_FIELDS = ("data", "label_ratio", "method", "epochs", "batch_size", "augment"
 
 def check_same_run(saved: dict, args: TrainArgs, path: Path) -> None:
     """Refuse to resume a checkpoint with settings that would change the data, schedule or losses."""
-    now = to_dict(args)
+    now, saved = to_dict(args), to_dict(from_dict(TrainArgs, saved))  # settings added later take their defaults
     differ = [name for name in RUN_FIELDS if saved.get(name) != now.get(name)]
     if differ:
         flags = ", ".join("--" + name.replace("_", "-") for name in differ)
@@ -153,6 +161,11 @@ def train(args: TrainArgs) -> dict[str, float]:
         print("note: --amp applies to CUDA only; training in float32")
 
     split = semi_split(args.data, args.label_ratio, args.seed)
+    if args.check_data:  # every file the run will read, before anything is built (every rank; rank 0 prints)
+        selection = args.data.val_split if args.select_on == "val" else args.data.test_split
+        check_training_data(args.data, split.labeled, [] if args.method == "supervised" else split.unlabeled,
+                            pseudo_dir=pseudo_dir_of(args), eval_splits=(selection, args.data.test_split),
+                            show=main_process)
     loaders = make_loaders(args, split.labeled, split.unlabeled, rank, world, pin_memory=device.type == "cuda")
     val_set = eval_set(args.data, args.data.val_split if args.select_on == "val" else args.data.test_split)
     torch.manual_seed(args.seed)

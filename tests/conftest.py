@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, TiffImagePlugin, TiffTags
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -28,6 +28,39 @@ def write_pair(root: Path, sample_id: str, size: tuple[int, int] = (32, 32), lab
         label = np.zeros((h, w), np.uint8)
         label[h // 4 : h // 2, w // 4 : w // 2] = 255
     Image.fromarray(label).save(root / "label" / f"{sample_id}.png")
+
+
+GEO_KEYS = (1, 1, 0, 4, 1024, 0, 1, 1, 1025, 0, 1, 1, 1026, 34737, 22, 0, 3072, 0, 1, 32632)
+"""GeoKey directory: version 1.1.0, 4 keys: projected model, pixel is area, citation in the ASCII
+params (22 characters at 0), EPSG:32632 (WGS 84 / UTM zone 32N)."""
+
+
+def geotiff_tags(transformation: bool = False) -> dict[int, tuple[int, object]]:
+    """GeoTIFF tags (number -> (TIFF type, value)) of a 0.5 m grid in UTM 32N: pixel scale and tie point,
+    or with ``transformation`` the same grid as a ModelTransformation matrix."""
+    tags: dict[int, tuple[int, object]] = {
+        34735: (TiffTags.SHORT, GEO_KEYS),
+        34736: (TiffTags.DOUBLE, (6378137.0, 298.257223563)),
+        34737: (TiffTags.ASCII, "WGS 84 / UTM zone 32N|"),
+    }
+    if transformation:
+        matrix = (0.5, 0.0, 0.0, 500000.0, 0.0, -0.5, 0.0, 4100000.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+        tags[34264] = (TiffTags.DOUBLE, matrix)
+    else:
+        tags[33550] = (TiffTags.DOUBLE, (0.5, 0.5, 0.0))
+        tags[33922] = (TiffTags.DOUBLE, (0.0, 0.0, 0.0, 500000.0, 4100000.0, 0.0))
+    return tags
+
+
+def write_geotiff(path: Path, array: np.ndarray, tags: dict[int, tuple[int, object]]) -> Path:
+    """An image as an uncompressed TIFF carrying ``tags``, as a GIS would export it."""
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    for number, (kind, value) in tags.items():
+        info[number] = value
+        info.tagtype[number] = kind
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="TIFF", tiffinfo=info)
+    return path
 
 
 @pytest.fixture

@@ -108,11 +108,56 @@ def test_label_formats(tmp_path: Path) -> None:
     palette.save(tmp_path / "palette.png")
     np.testing.assert_array_equal(read_label(tmp_path / "palette.png"), target)
     Image.fromarray(np.array([[0, 128]], np.uint8)).save(tmp_path / "grey.png")
-    with pytest.raises(InputError, match=r"grey.png: label values \{0, 128\}"):
+    with pytest.raises(InputError, match=r"grey.png: 1 of 2 label pixels have values \{128\}, not 0 or 255; "
+                                         r"pass --label-threshold 128 "):
         read_label(tmp_path / "grey.png")
+    Image.fromarray(np.array([[0, 1, 2, 2]], np.uint8)).save(tmp_path / "classes.png")
+    with pytest.raises(InputError, match=r"classes.png: 2 of 4 label pixels have values \{2\}, not 0 or 1; "
+                                         r"pass --label-threshold 1 to binarise the labels \(value >= 1 is change"):
+        read_label(tmp_path / "classes.png")
     Image.fromarray(np.array([[[255, 0, 0]]], np.uint8)).save(tmp_path / "red.png")
-    with pytest.raises(InputError, match="red.png: label has differing colour channels"):
+    with pytest.raises(InputError, match="red.png: label has differing colour channels.*--label-threshold T"):
         read_label(tmp_path / "red.png")
+
+
+def test_stray_label_values_are_named_or_binarised(tmp_path: Path) -> None:
+    label = np.zeros((640, 952), np.uint8)  # a BMP label of a public benchmark: 0/255 and 8 stray greys
+    label[100:300, 200:500] = 255
+    label[5, 10:18] = [21, 37, 60, 96, 128, 200, 252, 252]
+    Image.fromarray(label).save(tmp_path / "site.bmp")
+    expected = (r"site.bmp: 8 of 609,280 label pixels have values \{21, 37, 60, 96, 128, \.\.\., 252\} "
+                r"\(7 values\), not 0 or 255; pass --data.label-threshold 128 to binarise the labels "
+                r"\(value >= 128 is change\)$")
+    with pytest.raises(InputError, match=expected):
+        read_label(tmp_path / "site.bmp", flag="--data.label-threshold")
+    binary = read_label(tmp_path / "site.bmp", threshold=128)
+    np.testing.assert_array_equal(binary, (label >= 128).astype(np.uint8))
+    assert int(binary.sum()) == 200 * 300 + 4
+    # Clean labels are read as they are, whatever the threshold: a 0/1 label is not wiped out by T = 128.
+    Image.fromarray((label == 255).astype(np.uint8)).save(tmp_path / "binary.png")
+    np.testing.assert_array_equal(read_label(tmp_path / "binary.png", threshold=128), label == 255)
+    colour = np.zeros((2, 2, 3), np.uint8)
+    colour[0, 0], colour[1, 1] = (250, 10, 10), (90, 90, 90)  # red change, grey noise
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    np.testing.assert_array_equal(read_label(tmp_path / "colour.png", threshold=128), [[1, 0], [0, 0]])
+    with pytest.raises(InputError, match="--label-threshold 0: must be at least 1"):
+        read_label(tmp_path / "site.bmp", threshold=0)
+
+
+def test_datasets_binarise_labels_at_the_data_threshold(tiny_root: Path) -> None:
+    label = np.zeros((32, 32), np.uint8)
+    label[:8] = 255
+    label[20, :3] = 40, 140, 254
+    write_pair(tiny_root, "noisy", label=label)
+    with pytest.raises(InputError, match=r"noisy.png: 3 of 1,024 .* pass --data.label-threshold 128"):
+        EvalSet(tiny_root, ["noisy"])[0]
+    sample = eval_set(DataConfig(root=tiny_root, label_threshold=128), "val")
+    assert sample.read_label.keywords == {"threshold": 128, "flag": "--data.label-threshold"}
+    evaluated = EvalSet(tiny_root, ["noisy"], label_threshold=128)[0].label
+    assert int(evaluated.sum()) == 8 * 32 + 2 and evaluated[20, :3].tolist() == [0, 1, 1]
+    cfg = AugmentConfig(scale=(1.0, 1.0), hflip_prob=0.0)
+    trained = LabeledSet(tiny_root, ["noisy"], crop_size=32, augment_cfg=cfg, label_threshold=128)[0].label
+    assert torch.equal(trained, evaluated)
 
 
 def test_grey_and_palette_images_become_rgb(tmp_path: Path) -> None:

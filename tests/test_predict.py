@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -8,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import geotiff_tags, write_geotiff
 from PIL import Image
 
 from diffmatch.augment import image_to_tensor
 from diffmatch.checkpoint import model_from_checkpoint, save_checkpoint
 from diffmatch.config import DataConfig, ModelConfig, TrainArgs
 from diffmatch.files import InputError
+from diffmatch.geotiff import geo_tags
 from diffmatch.predict import Args, change_mask, main, overlay_image, probability_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,19 +109,33 @@ def test_threshold_probability_and_overlay_values() -> None:
 def test_folder_mode_resumes_and_overwrites(checkpoint: Path, tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     pair(src, "x1", (40, 150), seed=1)  # two windows of 96 overlapping by 42
-    pair(src, "x2", (80, 30), seed=2, ext=".tif")
+    pair(src, "x2", (80, 30), seed=2, ext=".tif")  # a TIFF without geo-referencing: PNG outputs
     args = Args(checkpoint=checkpoint, src=src, out=out, overlap=16, probability=True)
     assert main(args) == [out / "x1.png", out / "x2.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["x1.png", "x1_prob.png", "x2.png", "x2_prob.png"]
-    assert read(out / "x2.png").shape == (80, 30) and read(out / "x2_prob.png").shape == (80, 30)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["prob/x1.png", "prob/x2.png", "x1.png", "x2.png"]
+    assert read(out / "x2.png").shape == (80, 30) and read(out / "prob" / "x2.png").shape == (80, 30)
     first = read(out / "x1.png")
     assert main(args) == []  # everything exists: nothing is read again
-    (out / "x2_prob.png").unlink()
+    (out / "prob" / "x2.png").unlink()
     assert main(args) == [out / "x2.png"]
     assert main(Args(**{**vars(args), "overwrite": True})) == [out / "x1.png", out / "x2.png"]
     assert np.array_equal(read(out / "x1.png"), first)
     assert main(Args(**{**vars(args), "overlay": True})) == [out / "x1.png", out / "x2.png"]
-    assert read(out / "x1_overlay.png").shape == (40, 150, 3)
+    assert read(out / "overlay" / "x1.png").shape == (40, 150, 3)
+
+
+def test_folder_mode_pair_named_like_an_output(checkpoint: Path, tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    pair(src, "x", (30, 40), seed=1)
+    pair(src, "x_prob", (50, 20), seed=2)  # its mask must not overwrite, or be taken for, x's probability
+    args = Args(checkpoint=checkpoint, src=src, out=out, probability=True, overlay=True)
+    assert main(args) == [out / "x.png", out / "x_prob.png"]
+    assert read(out / "x_prob.png").shape == (50, 20) and set(np.unique(read(out / "x_prob.png"))) <= {0, 255}
+    assert read(out / "prob" / "x.png").shape == (30, 40) and read(out / "prob" / "x_prob.png").shape == (50, 20)
+    assert read(out / "overlay" / "x.png").shape == (30, 40, 3)
+    (out / "prob" / "x.png").unlink()
+    assert main(args) == [out / "x.png"]  # x's probability is missing, whatever x_prob.png holds
 
 
 def test_bad_input_is_a_clear_error(checkpoint: Path, tmp_path: Path) -> None:
@@ -149,3 +166,42 @@ def test_cli_exits_2_on_bad_input(tmp_path: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {missing}: file not found"]
+
+
+def tiff_fields(path: Path) -> dict[int, tuple[int, int]]:
+    """Tag number -> (field type, count) of a TIFF's first directory, parsed from the bytes (not by Pillow)."""
+    data = path.read_bytes()
+    order = {b"II": "<", b"MM": ">"}[data[:2]]
+    assert struct.unpack(order + "H", data[2:4])[0] == 42
+    offset = struct.unpack(order + "I", data[4:8])[0]
+    (count,) = struct.unpack(order + "H", data[offset : offset + 2])
+    entries = [struct.unpack(order + "HHI", data[offset + 2 + 12 * k : offset + 10 + 12 * k]) for k in range(count)]
+    return {tag: (kind, n) for tag, kind, n in entries}
+
+
+@pytest.mark.parametrize("transformation", [False, True])
+def test_geotiff_in_geotiff_out(checkpoint: Path, tmp_path: Path, transformation: bool,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(3)
+    tags = geotiff_tags(transformation)
+    paths = [write_geotiff(tmp_path / "src" / date / "scene.tif", rng.integers(0, 256, (70, 110, 3), np.uint8), tags)
+             for date in ("A", "B")]
+    assert geo_tags(paths[0]) == tags
+    main(Args(checkpoint=checkpoint, a=paths[0], b=paths[1], out=tmp_path / "change.png"))
+    assert "name --out with .tif" in capsys.readouterr().out
+    main(Args(checkpoint=checkpoint, a=paths[0], b=paths[1], out=tmp_path / "change.tif", probability=True,
+              overlay=True))
+    main(Args(checkpoint=checkpoint, src=tmp_path / "src", out=tmp_path / "maps", probability=True))
+    outputs = {"change.tif": (70, 110), "change_prob.tif": (70, 110), "change_overlay.tif": (70, 110, 3),
+               "maps/scene.tif": (70, 110), "maps/prob/scene.tif": (70, 110)}
+    for name, shape in outputs.items():
+        assert geo_tags(tmp_path / name) == tags, name
+        fields = tiff_fields(tmp_path / name)
+        expected = {33550: (12, 3), 33922: (12, 6)} if not transformation else {34264: (12, 16)}
+        expected |= {34735: (3, len(tags[34735][1])), 34736: (12, 2), 34737: (2, 23)}  # ASCII ends with NUL
+        assert {tag: fields[tag] for tag in expected} == expected, name
+        assert read(tmp_path / name).shape == shape
+    assert np.array_equal(read(tmp_path / "change.tif"), read(tmp_path / "change.png"))
+    assert np.array_equal(read(tmp_path / "maps" / "scene.tif"), read(tmp_path / "change.png"))
+    assert np.array_equal(read(tmp_path / "maps" / "prob" / "scene.tif"), read(tmp_path / "change_prob.tif"))
+    assert not (tmp_path / "maps" / "scene.png").exists()

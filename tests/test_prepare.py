@@ -275,3 +275,68 @@ def test_cli_missing_src_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     expected = f"error: {tmp_path / 'nope'}: folder not found; pass the data set folder as --src"
     assert result.stderr.strip() == expected
+
+
+def messy_folder(src: Path) -> dict[str, dict[str, np.ndarray]]:
+    """A benchmark as published, in BMP: complete sites, a site without B, one without A, one without a
+    label, one whose label has stray grey values, one whose dates differ in size."""
+    rng = np.random.default_rng(5)
+    stray = stripes(200, 300)
+    stray[7, 20:28] = [21, 37, 60, 96, 128, 200, 252, 252]
+    sites = {
+        "site_1": {"A": blocky(rng, 200, 300), "B": blocky(rng, 200, 300), "label": stripes(200, 300)},
+        "site_2": {"A": blocky(rng, 200, 300), "label": stripes(200, 300)},  # no B
+        "site_3": {"A": blocky(rng, 210, 330), "B": blocky(rng, 210, 330)},  # no label: unlabelled
+        "site_4": {"A": blocky(rng, 200, 300), "B": blocky(rng, 200, 300), "label": stray},
+        "site_5": {"B": blocky(rng, 200, 300), "label": stripes(200, 300)},  # no A
+        "site_6": {"A": blocky(rng, 200, 300), "B": blocky(rng, 201, 300), "label": stripes(200, 300)},
+    }
+    for stem, arrays in sites.items():
+        for kind, array in arrays.items():
+            (src / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(src / kind / f"{stem}.bmp")
+    return sites
+
+
+def test_folder_messy_download(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    sites = messy_folder(src)
+    with pytest.raises(InputError, match=rf"^{src}/A/site_2.bmp: no B image named site_2.\* in {src}/B; add it "
+                                         r"\(or pass --mismatch skip\)$"):
+        main(FolderArgs(src=src, out=out, tile=128))
+    assert not out.exists()
+    with pytest.raises(InputError, match=rf"^{src}/label/site_4.bmp: 8 of 60,000 label pixels have values "
+                                         r"\{21, 37, 60, 96, 128, \.\.\., 252\} \(7 values\), not 0 or 255; pass "
+                                         r"--label-threshold 128 to binarise the labels \(value >= 128 is change\)$"):
+        main(FolderArgs(src=src, out=out, tile=128, mismatch="skip"))
+    capsys.readouterr()
+    lists = main(FolderArgs(src=src, out=out, tile=128, mismatch="skip", label_threshold=128))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == [f"skipped: {src}/A/site_2.bmp: no B image named site_2.* in {src}/B",
+                           f"skipped: {src}/B/site_5.bmp: no A image named site_5.* in {src}/A"]
+    assert any(line.startswith(f"skipped: image sizes differ: {src}/A/site_6.bmp is 300x200") for line in printed)
+    assert printed[-1] == ("folder: cut 3 pairs into 12 labelled tiles in list/train.txt and 6 unlabelled tiles "
+                           "in list/unlabeled.txt; skipped 3 pairs (2 missing a date, 1 of differing sizes)")
+    grid = [f"{r}_{c}" for r in range(2) for c in range(3)]
+    assert lists == {"train": [f"site_{s}_{g}" for s in (1, 4) for g in grid],
+                     "unlabeled": [f"site_3_{g}" for g in grid]}
+    label = read(out / "label" / "site_4_0_0.png")  # binarised at 128: the stray 128, 200, 252 are change
+    assert np.array_equal(label, np.where(sites["site_4"]["label"][:128, :128] >= 128, 255, 0))
+    assert label[7, 20:28].tolist() == [0, 0, 0, 0, 255, 255, 255, 255]
+    assert np.array_equal(read(out / "A" / "site_3_1_2.png")[:82, :74], sites["site_3"]["A"][128:, 256:])
+
+
+def test_folder_reads_geotiffs_and_says_the_tiles_drop_the_tags(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import geotiff_tags, write_geotiff
+
+    rng = np.random.default_rng(6)
+    arrays = {"A": blocky(rng, 100, 140), "B": blocky(rng, 100, 140), "label": stripes(100, 140)}
+    for kind, array in arrays.items():
+        write_geotiff(tmp_path / "src" / kind / "scene.tif", array, geotiff_tags())
+    lists = main(FolderArgs(src=tmp_path / "src", out=tmp_path / "out", tile=64))
+    assert lists["train"] == [f"scene_{r}_{c}" for r in range(2) for c in range(3)]
+    assert np.array_equal(read(tmp_path / "out" / "B" / "scene_1_1.png")[:36], arrays["B"][64:, 64:128])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"note: GeoTIFF input (e.g. {tmp_path}/src/A/scene.tif): the PNG tiles do not keep its geo-referencing; "
+        "predict on the whole pair writes geo-referenced maps")

@@ -17,7 +17,7 @@ from torch import nn
 
 from diffmatch import train as train_module
 from diffmatch.checkpoint import load_checkpoint
-from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs
+from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs, to_dict
 from diffmatch.data import LabeledSample, UnlabeledSample
 from diffmatch.files import InputError
 from diffmatch.model import build_model
@@ -186,7 +186,8 @@ def test_bad_flags_and_missing_pseudo_labels_exit_2(data_root: Path, tmp_path: P
     result = run_cli("diffmatch.train", "--data.root", str(bare), "--label-ratio", "0.5", "--batch-size", "1",
                      "--out-dir", str(tmp_path / "r"))
     assert result.returncode == 2
-    assert "pseudo/change: folder not found; run `python -m diffmatch.ceg --root" in result.stderr
+    assert f"{bare / 'pseudo'}: folder not found; run `python -m diffmatch.ceg --root" in result.stderr
+    assert "error: data check: 1 problem in 4 of 4 pairs" in result.stderr
 
 
 def test_two_process_gloo_run(data_root: Path, tmp_path: Path) -> None:
@@ -277,3 +278,13 @@ def test_teacher_gives_the_pseudo_labels(tmp_path: Path) -> None:
     assert seen == [u2.a.shape, u.a.shape] and not teacher.training
     assert float(result.confident) == 1.0  # every valid pixel above τ: the teacher's labels, not the student's
     assert float(compute_losses(model, "diffmatch", x, u, u2, LossConfig(), 0.1).confident) < 1.0
+
+
+def test_resume_accepts_a_run_saved_before_a_setting_existed(tmp_path: Path) -> None:
+    args = tiny_args(tmp_path, tmp_path / "run")
+    saved = to_dict(args)
+    del saved["data"]["label_threshold"]  # a checkpoint written before --data.label-threshold
+    train_module.check_same_run(saved, args, tmp_path / "last.pt")
+    with pytest.raises(InputError, match="trained with other --data;"):
+        train_module.check_same_run(saved, replace(args, data=replace(args.data, label_threshold=128)),
+                                    tmp_path / "last.pt")

@@ -1,0 +1,155 @@
+"""Checking a data set before a long command: every file of every id it will read, in one pass.
+
+A missing, truncated or corrupted file, dates of different sizes, a label with stray values or a
+missing pseudo label would otherwise stop a training run when its loader reaches that id, possibly an
+hour in. ``check_data`` finds them all up front, prints one line per problem (the first few, then a
+count) and stops with exit code 2; on success it prints how long it took. Images are checked without
+decoding their pixels where that is safe and fast: a PNG's header and the checksum of every chunk
+(which a truncated or corrupted file fails); other formats are decoded. Labels are read in full, to
+check their values.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image
+
+from diffmatch.config import DataConfig
+from diffmatch.data import LABEL_FLAG, eval_ids, image_path, pseudo_hint
+from diffmatch.files import InputError, read_label
+from diffmatch.progress import Progress
+
+SHOWN = 5
+"""Problems printed one per line; the rest are counted."""
+HINT = "check the data set root and its list files"
+
+
+class Need(NamedTuple):
+    """Ids of one data set root and the files each must have besides its two dates."""
+
+    root: Path
+    ids: list[str]
+    label: bool
+    """``label/<id>`` must exist, match the image size and hold 0/255 or 0/1 (or be binarised)."""
+    pseudo_dir: str | None
+    """``<pseudo_dir>/{change,A,B}/<id>`` must exist as single-band masks of the image size."""
+
+
+def image_header(path: Path) -> tuple[tuple[int, int], int]:
+    """((height, width), number of bands) of an image that decodes: for a PNG, its header and the
+    checksum of every chunk (no pixel is decoded); for other formats, a full decode."""
+    with Image.open(path) as image:
+        size, bands = (image.height, image.width), len(image.getbands())
+        if image.format == "PNG":
+            image.verify()
+        else:
+            image.load()
+    return size, bands
+
+
+def pair_problems(root: Path, sample_id: str, *, label: bool, pseudo_dir: str | None,
+                  label_threshold: int | None, absent: set[Path]) -> list[str]:
+    """What is wrong with the files of one id (empty when nothing is). Folders in ``absent`` are
+    reported elsewhere, once."""
+    problems: list[str] = []
+
+    def size_of(folder: Path, hint: str, kind: str) -> tuple[int, int] | None:
+        if folder in absent:
+            return None
+        path = image_path(folder.parent, folder.name, sample_id)
+        if not path.is_file():
+            problems.append(f"{path}: file not found; {hint}")
+            return None
+        try:
+            if kind == "label":
+                return read_label(path, label_threshold, LABEL_FLAG).shape
+            size, bands = image_header(path)
+        except InputError as err:
+            problems.append(str(err))
+            return None
+        except Exception as err:  # PIL raises many types for broken files
+            problems.append(f"{path}: cannot read image ({err}); re-export it")
+            return None
+        if kind == "mask" and bands != 1:
+            problems.append(f"{path}: expected a single-band mask, found {bands} bands; {hint}")
+        return size
+
+    def compare(size: tuple[int, int] | None, folder: Path, what: str) -> None:
+        if size is not None and size_a is not None and size != size_a:
+            path = image_path(folder.parent, folder.name, sample_id)
+            problems.append(f"{path}: size {size[1]}x{size[0]} differs from A's {size_a[1]}x{size_a[0]}; {what}")
+
+    size_a = size_of(root / "A", HINT, "image")
+    compare(size_of(root / "B", HINT, "image"), root / "B", "the two dates must be co-registered")
+    if label:
+        compare(size_of(root / "label", HINT, "label"), root / "label", "use the label of this image")
+    if pseudo_dir is not None:
+        for folder in ("change", "A", "B"):
+            where = root / pseudo_dir / folder
+            compare(size_of(where, pseudo_hint(root, pseudo_dir), "mask"), where, pseudo_hint(root, pseudo_dir))
+    return problems
+
+
+def check_data(needs: list[Need], *, label_threshold: int | None = None, show: bool = True) -> float:
+    """Check every id of ``needs`` (each once); return the seconds taken. On problems, print the first
+    ``SHOWN`` (when ``show``) and raise ``InputError`` with their count."""
+    start = time.perf_counter()
+    merged: dict[tuple[Path, str], tuple[bool, str | None]] = {}
+    for need in needs:
+        for sample_id in need.ids:
+            label, pseudo = merged.get((need.root, sample_id), (False, None))
+            merged[(need.root, sample_id)] = (label or need.label, pseudo or need.pseudo_dir)
+    problems, absent = [], set()
+    folders = {(need.root / name, HINT) for need in needs if need.ids
+               for name in ("A", "B", *(("label",) if need.label else ()))}
+    folders |= {(need.root / need.pseudo_dir / name, pseudo_hint(need.root, need.pseudo_dir))
+                for need in needs if need.ids and need.pseudo_dir is not None for name in ("change", "A", "B")}
+    for folder, hint in sorted(folders):
+        if not folder.is_dir():
+            absent.add(folder)
+            line = f"{folder.parent if not folder.parent.is_dir() else folder}: folder not found; {hint}"
+            problems += [line] if line not in problems else []  # a missing parent: one line for its folders
+    progress = Progress("check data", len(merged), "pairs", enabled=show)
+    bad = 0
+    for (root, sample_id), (label, pseudo) in merged.items():
+        found = pair_problems(root, sample_id, label=label, pseudo_dir=pseudo, label_threshold=label_threshold,
+                              absent=absent)
+        problems += found
+        needed = [root / name for name in ("A", "B", "label")[: 3 if label else 2]]
+        needed += [root / pseudo / name for name in ("change", "A", "B")] if pseudo is not None else []
+        bad += bool(found) or not absent.isdisjoint(needed)
+        progress.step()
+    seconds = time.perf_counter() - start
+    if problems:
+        if show:
+            for line in problems[:SHOWN]:
+                print(line, file=sys.stderr)
+            if len(problems) > SHOWN:
+                print(f"... and {len(problems) - SHOWN:,} more problems", file=sys.stderr, flush=True)
+        listed = "listed above" if len(problems) <= SHOWN else f"the first {SHOWN} above"
+        count = f"{len(problems):,} problem{'s' if len(problems) > 1 else ''}"
+        raise InputError(f"data check: {count} in {bad:,} of {len(merged):,} pairs ({listed}, "
+                         f"found in {seconds:.1f} s); fix them and run again")
+    if show:
+        print(f"data check: {len(merged):,} pairs, no problems ({seconds:.1f} s; --no-check-data skips it)",
+              flush=True)
+    return seconds
+
+
+def check_training_data(data: DataConfig, labeled: list[str], unlabeled: list[str], *, pseudo_dir: str | None,
+                        eval_splits: tuple[str, ...], show: bool = True) -> float:
+    """Check the labelled and unlabelled training ids (with pseudo labels when ``pseudo_dir`` is given)
+    and every evaluation split a run reads; return the seconds taken."""
+    needs = [Need(data.root, labeled, True, pseudo_dir), Need(data.unlabeled_root or data.root, unlabeled, False,
+                                                                pseudo_dir)]
+    needs += [Need(data.root, eval_ids(data, split), True, None) for split in dict.fromkeys(eval_splits)]
+    return check_data(needs, label_threshold=data.label_threshold, show=show)
+
+
+def check_eval_data(data: DataConfig, split: str) -> float:
+    """Check every pair of an evaluation split and its label; return the seconds taken."""
+    return check_data([Need(data.root, eval_ids(data, split), True, None)], label_threshold=data.label_threshold)
