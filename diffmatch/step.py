@@ -10,6 +10,8 @@ content of ``u``'s strong view.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple, TypeVar
 
 import torch
@@ -46,6 +48,21 @@ def eval_predictions(model: nn.Module, a: Tensor, b: Tensor) -> tuple[Tensor, Te
     logits = model(a, b, change_only=True).change
     model.train(was_training)
     return confidence(logits)
+
+
+@contextlib.contextmanager
+def frozen_bn_statistics(model: nn.Module, frozen: bool = True) -> Iterator[None]:
+    """Within the block, BatchNorm layers still normalise with their batch's statistics but leave their
+    running statistics (those of evaluation and of eval-mode pseudo labels) as they are."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, saved, strict=True):
+            m.momentum = momentum
 
 
 @torch.no_grad()
@@ -123,7 +140,8 @@ def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: Unlabe
     change_only, metric = method != "diffmatch", cfg.distance
     n = x.a.shape[0]
     out = model(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=change_only, metric=metric)
-    out_s = model(a_s, b_s, change_only=change_only, metric=metric)
+    with frozen_bn_statistics(model, cfg.weak_bn_stats):
+        out_s = model(a_s, b_s, change_only=change_only, metric=metric)
     conf_u, label_u = confidence(out.change[n:]) if teacher is None else eval_predictions(teacher, u.a, u.b)
     conf, label = cutmix(u.box, conf_u, conf_mix), cutmix(u.box, label_u, label_mix)
     valid = cutmix(u.box, u.ignore, u2.ignore) != 255

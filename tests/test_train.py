@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -288,3 +289,20 @@ def test_resume_accepts_a_run_saved_before_a_setting_existed(tmp_path: Path) -> 
     with pytest.raises(InputError, match="trained with other --data;"):
         train_module.check_same_run(saved, replace(args, data=replace(args.data, label_threshold=128)),
                                     tmp_path / "last.pt")
+
+
+def test_weak_bn_stats_leave_the_strong_view_out_of_the_running_statistics() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", decoder_channels=8))
+    weak_only = copy.deepcopy(model)
+    x, u, u2 = random_batches()
+    compute_losses(model, "fixmatch", x, u, u2, LossConfig(weak_bn_stats=True), 0.1)
+    with torch.no_grad():  # the one forward pass that should have moved the statistics: x and u-weak
+        weak_only(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=True)
+    bn = [(n, b) for n, b in model.named_buffers() if "running" in n]
+    for name, value in bn:
+        torch.testing.assert_close(value, dict(weak_only.named_buffers())[name], msg=name)
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))  # restored
+    compute_losses(model, "fixmatch", x, u, u2, LossConfig(), 0.1)  # the paper's step: the strong view counts too
+    weak_only(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=True)
+    assert any(not torch.allclose(v, dict(weak_only.named_buffers())[n]) for n, v in bn)
