@@ -60,6 +60,8 @@ class Args:
     """Seeds of the ``methods`` comparison (labelled draw, augmentations, initialisation)."""
     regime: Regime = field(default_factory=Regime)
     """Budget of the ``methods`` comparison: data, model, iterations, loss terms and remedies."""
+    jobs: int = 1
+    """Training runs of the ``methods`` comparison at a time, each with its share of the CPU threads."""
     runs_dir: Path | None = None
     """Folder for the comparison's data set, encoder and runs (kept, and a rerun resumes them); None: a
     temporary folder."""
@@ -274,14 +276,15 @@ def bench_methods(args: Args, runs: Path) -> dict:
         comparison.prepare_labels(root, workers=max(args.ceg_workers))
     start = time.perf_counter()
     result = comparison.compare(root, runs, methods=args.methods or comparison.METHODS, seeds=args.seeds,
-                                regime=args.regime, device=args.device, workers=1)
+                                regime=args.regime, device=args.device, workers=1,
+                                jobs=args.jobs)
     return {**result, "seconds": time.perf_counter() - start}
 
 
 def check_args(args: Args) -> None:
     """Reject values that cannot run, naming the flag."""
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--crop", args.crop, 32),
-                               ("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
+                               ("--iters", args.iters, 1), ("--warmup", args.warmup, 0), ("--jobs", args.jobs, 1),
                                *(("--ceg-workers", w, 1) for w in args.ceg_workers),
                                *(("--loader-workers", w, 0) for w in args.loader_workers)):
         if value < least:

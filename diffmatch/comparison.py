@@ -5,13 +5,17 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import json
+import multiprocessing
 import statistics
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 from diffmatch import ceg_cli, pretrain, synthetic
 from diffmatch.config import Backbone, DataConfig, LossConfig, Method, ModelConfig, TrainArgs
@@ -22,9 +26,10 @@ METHODS: tuple[Method, ...] = ("supervised", "fixmatch", "diffmatch")
 
 
 def regime_loss() -> LossConfig:
-    """The paper's loss settings with the two remedies the CPU budget needs (README §7): a supervised
-    warm-up and an EMA teacher."""
-    return LossConfig(warmup_iters=100, ema_teacher=0.99)
+    """The paper's loss settings with the remedies a short CPU budget needs (README §7): a supervised
+    warm-up, an EMA teacher, BatchNorm statistics from the weak views and FlexMatch's class-wise
+    thresholds."""
+    return LossConfig(warmup_iters=100, ema_teacher=0.99, weak_bn_stats=True, class_thresholds=True)
 
 
 @dataclass
@@ -111,20 +116,34 @@ def run_method(args: TrainArgs) -> dict:
             "last": {k: test["last"][k] for k in ("iou", "f1", "precision", "recall")}}
 
 
+def _run_in_process(args: TrainArgs, threads: int) -> dict:
+    """``run_method`` in a worker process with its share of the CPU threads."""
+    torch.set_num_threads(threads)
+    return run_method(args)
+
+
 def compare(root: Path, runs: Path, *, methods: tuple[Method, ...] = METHODS, seeds: tuple[int, ...] = (0,),
-            regime: Regime | None = None, device: str | None = None, workers: int = 1) -> dict:
-    """Every method for every seed on the data set at ``root`` (with CEG labels), runs under ``runs``;
-    returns the runs' scores and their mean and standard deviation per method."""
+            regime: Regime | None = None, device: str | None = None, workers: int = 1, jobs: int = 1) -> dict:
+    """Every method for every seed on the data set at ``root`` (with CEG labels), runs under ``runs``,
+    ``jobs`` runs at a time (each in its own process with its share of the CPU threads); returns the runs'
+    scores and their mean and standard deviation per method."""
     regime = regime or Regime()
     name = f"encoder-{regime.backbone}-{regime.pretrain_scenes}x{regime.pretrain_iters}.pt"
     weights = encoder_weights(runs / name, regime)
+    todo = [(m, s, run_args(root, m, s, regime, runs / f"{m}-seed{s}", weights, device=device, workers=workers))
+            for s in seeds for m in methods]
     results: dict[str, dict[str, dict]] = {m: {} for m in methods}
-    for seed in seeds:
-        for method in methods:
-            print(f"{method}, seed {seed}: training {regime.iters} iterations", file=sys.stderr, flush=True)
-            args = run_args(root, method, seed, regime, runs / f"{method}-seed{seed}", weights, device=device,
-                            workers=workers)
+    print(f"{len(todo)} runs of {regime.iters} iterations, {jobs} at a time", file=sys.stderr, flush=True)
+    if jobs == 1:
+        for method, seed, args in todo:
             results[method][str(seed)] = run_method(args)
+    else:
+        threads = max(1, torch.get_num_threads() // jobs)
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {(m, s): pool.submit(_run_in_process, args, threads) for m, s, args in todo}
+            for (method, seed), future in futures.items():
+                results[method][str(seed)] = future.result()
     return {"runs": results, "summary": {m: summarise(r) for m, r in results.items()}}
 
 
