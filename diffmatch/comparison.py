@@ -93,7 +93,8 @@ def run_args(root: Path, method: Method, seed: int, regime: Regime, out_dir: Pat
     train_ids = read_id_list(root / "list" / "train.txt") if (root / "list" / "train.txt").is_file() else []
     labelled = max(1, round(regime.label_ratio * len(train_ids)))
     pairs = labelled if method == "supervised" else max(len(train_ids) - labelled, 1)
-    epochs = -(-regime.iters * regime.batch_size // pairs) + 1  # enough epochs; max_iters stops the run
+    per_epoch = max(pairs // regime.batch_size, 1)  # the loaders drop the last incomplete batch
+    epochs = -(-regime.iters // per_epoch)  # enough epochs; max_iters stops the run at regime.iters
     return TrainArgs(
         data=DataConfig(root=root, crop_size=regime.crop), label_ratio=regime.label_ratio, method=method,
         epochs=epochs, batch_size=regime.batch_size,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffmatch import pretrain
-from diffmatch.comparison import format_summary, summarise
+from diffmatch.comparison import Regime, format_summary, run_args, summarise
 from diffmatch.encoder import SiameseEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,3 +74,16 @@ def test_bench_methods_prints_one_line_per_method(tmp_path: Path) -> None:
         config = json.loads((tmp_path / "runs" / f"{method}-seed1" / "config.json").read_text())
         assert config["max_iters"] == 2 and config["eval_interval"] == 1 and config["seed"] == 1
         assert config["model"]["weights"].endswith("encoder-resnet18-2x1.pt")
+
+
+@pytest.mark.parametrize(("method", "labelled"), [("supervised", 35), ("diffmatch", 35), ("supervised", 3)])
+def test_every_method_gets_the_regime_s_iterations(tmp_path: Path, method: str, labelled: int) -> None:
+    root = tmp_path / "data"
+    (root / "list").mkdir(parents=True)
+    ids = [f"p{i}" for i in range(labelled * 20)]
+    (root / "list" / "train.txt").write_text("\n".join(ids) + "\n")
+    regime = Regime(iters=400, batch_size=8)
+    args = run_args(root, method, 0, regime, tmp_path / "run", "none")
+    pairs = max(1, round(0.05 * len(ids))) if method == "supervised" else len(ids) - max(1, round(0.05 * len(ids)))
+    per_epoch = max(pairs // 8, 1)
+    assert args.max_iters == 400 and args.epochs * per_epoch >= 400  # the run stops at max_iters, not earlier
