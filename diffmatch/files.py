@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffmatch.png import encode_gray
+
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -85,6 +87,11 @@ def read_label(path: Path) -> np.ndarray:
         if not (channels == channels[..., :1]).all():
             raise InputError(f"{path}: label has differing colour channels; save it as a grey 0/255 PNG")
         array = channels[..., 0]
+    if array.dtype.kind in "biu" and array.min(initial=0) >= 0:  # integers: checked without sorting them
+        if array.max(initial=0) <= 1:
+            return array.astype(np.uint8)
+        if np.count_nonzero(array) == np.count_nonzero(array == 255):
+            return (array == 255).astype(np.uint8)
     values = np.unique(array)
     if np.isin(values, (0, 1)).all():
         return array.astype(np.uint8)
@@ -119,9 +126,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def write_png(path: Path, array: np.ndarray, compress_level: int = 1) -> None:
     """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically (fast zlib level by default)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    data = encode_gray(array, compress_level) if array.ndim == 2 else None  # Pillow's bytes, sooner
     with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(tmp, format="PNG",
-                                                                          compress_level=compress_level)
+        if data is not None:
+            tmp.write_bytes(data)
+        else:
+            Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level)
 
 
 def write_json(path: Path, obj: Any) -> None:
