@@ -6,8 +6,9 @@ Pure numpy functions, one per equation, exactly as fixed by METHOD §4:
 - segmentation ``I_t = fg >= bg`` (Eq. 5; ties go to foreground), reliability ``max(fg, bg) >= γ``
   (Eq. 6);
 - pixel-level change ``|I_A - I_B|`` (Eq. 7);
-- instance-level change: IoU matrix of the foreground instances (Eq. 8–9); an instance is a change
-  event when its row (A) or column (B) sum is ``<= δ`` (Eq. 10); the mask is their union;
+- instance-level change: IoU matrix of the foreground instances (Eq. 8–9), on their run-length
+  encoding; an instance is a change event when its row (A) or column (B) sum is ``<= δ`` (Eq. 10);
+  the mask is their union;
 - mixed change ``pixel * instance`` where both dates are reliable, else 255 (Eq. 11, with the cases
   as the text and the authors' scripts mean them);
 - single-date masks ``I_t`` where reliable at ``seg_gamma``, else 255 (§3.5).
@@ -21,34 +22,71 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy import sparse
 
 from diffmatch.config import CEGConfig
+from diffmatch.rle import Runs, runs_intersections
 from diffmatch.vlm import Concepts, VLMOutput
 
 IGNORE = 255
 
 
 def concept_probs(probs: np.ndarray, concepts: Concepts) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground and background concept probabilities (H, W) of (C, H, W) class probabilities (Eq. 4)."""
+    """Foreground and background concept probabilities (H, W) of (C, H, W) class probabilities (Eq. 4),
+    in the probabilities' dtype."""
+    keys = _half_keys(probs)
+    if keys is not None:
+        fg, bg = _max_planes(keys[0], concepts.foreground), _max_planes(keys[0], concepts.background)
+        return fg.view(np.float16), bg.view(np.float16)
+    if probs.dtype == np.float16:  # negative values: numpy's slow float16 loops are avoided all the same
+        probs = probs.astype(np.float32)
+    return _max_planes(probs, concepts.foreground), _max_planes(probs, concepts.background)
 
-    def concept(indices: np.ndarray) -> np.ndarray:
-        out = probs[indices[0]].copy()
-        for k in indices[1:]:
-            np.maximum(out, probs[k], out=out)
-        return out
 
-    return concept(concepts.foreground), concept(concepts.background)
+def _max_planes(stack: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Element-wise max of the planes ``indices`` of a (C, H, W) array."""
+    out = stack[indices[0]].copy()
+    for k in indices[1:]:
+        np.maximum(out, stack[k], out=out)
+    return out
+
+
+def _half_keys(*arrays: np.ndarray) -> list[np.ndarray] | None:
+    """The uint16 bit patterns of float16 arrays whose values are all finite and >= 0: they sort as the
+    values do, and numpy's float16 arithmetic is several times slower than its uint16 one. None when an
+    array is not float16 or has other values."""
+    if any(a.dtype != np.float16 for a in arrays):
+        return None
+    keys = [a.view(np.uint16) for a in arrays]
+    return keys if all(k.max(initial=0) < 0x7C00 for k in keys) else None  # 0x7C00: inf; above: NaN, < 0
+
+
+def _half_threshold(gamma: float) -> int:
+    """The bit pattern of the least float16 value ``>= float32(gamma)``: float16 values ``>= gamma`` are
+    those whose bit patterns reach it (0x7C00, inf, when no finite one does)."""
+    target = np.float32(gamma)
+    if np.isnan(target):
+        return 0xFFFF  # above every finite bit pattern
+    if target <= 0:
+        return 0
+    with np.errstate(over="ignore"):  # inf beyond the float16 range
+        half = target.astype(np.float16)  # the nearest
+        if half.astype(np.float32) < target:
+            half = np.nextafter(half, np.float16(np.inf))
+    return int(half.view(np.uint16))
 
 
 def segment(fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
     """Single-date mask ``I_t``: 1 where the foreground concept wins, ties included (Eq. 5)."""
-    return (fg >= bg).astype(np.uint8)
+    keys = _half_keys(fg, bg)
+    return (fg >= bg if keys is None else keys[0] >= keys[1]).astype(np.uint8)
 
 
 def reliable(fg: np.ndarray, bg: np.ndarray, gamma: float) -> np.ndarray:
     """Pixels whose winning concept probability reaches ``gamma`` (one date's factor of Eq. 6)."""
-    return np.maximum(fg, bg) >= np.float32(gamma)
+    keys = _half_keys(fg, bg)
+    if keys is None:
+        return np.maximum(fg, bg) >= np.float32(gamma)
+    return np.maximum(keys[0], keys[1]) >= _half_threshold(gamma)
 
 
 def pixel_change(seg_a: np.ndarray, seg_b: np.ndarray) -> np.ndarray:
@@ -56,44 +94,39 @@ def pixel_change(seg_a: np.ndarray, seg_b: np.ndarray) -> np.ndarray:
     return (seg_a != seg_b).astype(np.uint8)
 
 
-def _sparse_masks(masks: np.ndarray) -> sparse.csr_array:
-    """(K, H*W) float32 CSR matrix of (K, H, W) bool masks, 1 on their pixels in column-major order
-    (a copy-free flattening of masks stored column-major per instance, as ``diffmatch.vlm`` reads them)."""
-    pixels = int(np.prod(masks.shape[1:]))
-    on = np.flatnonzero(masks.transpose(0, 2, 1).reshape(len(masks), pixels))
-    row_starts = np.searchsorted(on, np.arange(len(masks) + 1) * pixels)
-    return sparse.csr_array((np.ones(on.size, np.float32), on % pixels, row_starts), shape=(len(masks), pixels))
-
-
-def instance_iou(inst_a: np.ndarray, inst_b: np.ndarray) -> np.ndarray:
-    """(M, N) IoU matrix T between (M, H, W) and (N, H, W) bool instance masks (Eq. 8–9); 0 for an
-    empty union."""
-    sparse_a, sparse_b = _sparse_masks(inst_a), _sparse_masks(inst_b)
-    inter = (sparse_a @ sparse_b.T).toarray()  # exact: counts stay far below 2**24
-    area_a = np.diff(sparse_a.indptr).astype(np.float32)
-    area_b = np.diff(sparse_b.indptr).astype(np.float32)
+def instance_iou(inst_a: Runs, inst_b: Runs) -> np.ndarray:
+    """(M, N) float32 IoU matrix T between the M instances of A and the N of B (Eq. 8–9), computed on
+    their runs without decoding a mask; 0 for an empty union."""
+    inter = runs_intersections(inst_a, inst_b).astype(np.float32)  # exact: counts stay far below 2**24
+    area_a = inst_a.areas().astype(np.float32)
+    area_b = inst_b.areas().astype(np.float32)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def instance_change(inst_a: np.ndarray, inst_b: np.ndarray, delta: float = 0.0) -> np.ndarray:
+def instance_change(inst_a: Runs, inst_b: Runs, delta: float = 0.0) -> np.ndarray:
     """Instance-level change as uint8 0/1: the union of the instances whose IoU row (A) or column (B)
-    sum is ``<= delta`` (Eq. 10). With no instance on one date, every instance of the other is a
-    change; with none on either, nothing is."""
+    sum is ``<= delta`` (Eq. 10); only those instances are decoded. With no instance on one date, every
+    instance of the other is a change; with none on either, nothing is."""
     iou = instance_iou(inst_a, inst_b)
-    events_a = inst_a[iou.sum(1) <= delta].any(0)  # (H, W) all False when there is no event
-    events_b = inst_b[iou.sum(0) <= delta].any(0)
-    return (events_a | events_b).astype(np.uint8, order="C")
+    events = inst_a.union(iou.sum(1) <= delta) | inst_b.union(iou.sum(0) <= delta)
+    return events.astype(np.uint8, order="C")
 
 
 def mixed_change(pixel: np.ndarray, instance: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Mixed change ``pixel * instance`` where ``valid`` (= R_A and R_B), else 255 (Eq. 11)."""
-    return np.where(valid, pixel * instance, IGNORE).astype(np.uint8)
+    return _ignore_outside(pixel * instance, valid)
 
 
 def single_date_mask(seg: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Single-date label ``I_t`` where ``valid``, else 255 (§3.5)."""
-    return np.where(valid, seg, IGNORE).astype(np.uint8)
+    return _ignore_outside(seg, valid)
+
+
+def _ignore_outside(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """uint8 ``values`` where ``valid``, else 255 (IGNORE): ``np.where`` as bit operations, as numpy's
+    uint8 ``where`` is slow."""
+    return values.astype(np.uint8, copy=False) | -(~valid.astype(bool, copy=False)).view(np.uint8)
 
 
 class CEGResult(NamedTuple):
@@ -116,7 +149,7 @@ class CEGResult(NamedTuple):
         if mode == "instance":
             return self.instance
         if mode == "pixel":
-            return np.where(self.reliable, self.pixel, IGNORE).astype(np.uint8)
+            return _ignore_outside(self.pixel, self.reliable)
         return mixed_change(self.pixel, self.instance, self.reliable)
 
 
@@ -126,16 +159,18 @@ def generate(out_a: VLMOutput, out_b: VLMOutput, concepts: Concepts, cfg: CEGCon
     fg_a, bg_a = concept_probs(out_a.probs, concepts)
     fg_b, bg_b = concept_probs(out_b.probs, concepts)
     seg_a, seg_b = segment(fg_a, bg_a), segment(fg_b, bg_b)
-    both = reliable(fg_a, bg_a, cfg.gamma) & reliable(fg_b, bg_b, cfg.gamma)  # Eq. 6
+    rel_a, rel_b = reliable(fg_a, bg_a, cfg.gamma), reliable(fg_b, bg_b, cfg.gamma)
     seg_gamma = cfg.single_date_gamma
+    seg_rel_a = rel_a if seg_gamma == cfg.gamma else reliable(fg_a, bg_a, seg_gamma)
+    seg_rel_b = rel_b if seg_gamma == cfg.gamma else reliable(fg_b, bg_b, seg_gamma)
     instance = (instance_change(out_a.instances, out_b.instances, cfg.delta) if with_instances
                 else np.zeros_like(seg_a))
     return CEGResult(
         pixel=pixel_change(seg_a, seg_b),
         instance=instance,
-        reliable=both.astype(np.uint8),
-        seg_a=single_date_mask(seg_a, reliable(fg_a, bg_a, seg_gamma)),
-        seg_b=single_date_mask(seg_b, reliable(fg_b, bg_b, seg_gamma)),
+        reliable=(rel_a & rel_b).astype(np.uint8),  # Eq. 6
+        seg_a=single_date_mask(seg_a, seg_rel_a),
+        seg_b=single_date_mask(seg_b, seg_rel_b),
     )
 
 

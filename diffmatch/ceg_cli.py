@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, NamedTuple
 
+import numpy as np
 import tyro
 from PIL import Image
 
-from diffmatch.ceg import IGNORE, generate
+from diffmatch.ceg import IGNORE, CEGResult, generate
 from diffmatch.config import CEGConfig
 from diffmatch.files import IMAGE_EXTS, InputError, read_id_list, read_label, write_json, write_png
-from diffmatch.metrics import Confusion, confusion, scores
+from diffmatch.metrics import Confusion, scores
 from diffmatch.progress import Progress
 from diffmatch.vlm import InstanceSource, concepts, list_ids, read_vlm
 
@@ -114,12 +115,34 @@ def _process(job: _Job) -> PairStats:
         if label.shape != change.shape:
             raise InputError(f"{label_path}: size {label.shape} differs from the VLM output's "
                              f"{change.shape}; use the label of this image")
-        for level in LEVELS:
-            pred = result.change(level) == 1  # ignore (255) counts as no change
-            total[level] = confusion(pred, label)
-            valid[level] = confusion(pred, label, result.reliable)
-    return PairStats(change.size, int((change == 1).sum()), int((change == IGNORE).sum()),
-                     int(result.reliable.sum()), evaluate, total, valid)
+        total, valid = level_confusions(result, label)
+    return PairStats(change.size, int(np.count_nonzero(change == 1)), int(np.count_nonzero(change == IGNORE)),
+                     int(np.count_nonzero(result.reliable)), evaluate, total, valid)
+
+
+def level_confusions(result: CEGResult, label: np.ndarray) -> tuple[dict[str, Confusion], dict[str, Confusion]]:
+    """Total and Valid confusions of every level against a 0/1 label (ignore, 255, counts as no change),
+    as ``metrics.confusion`` gives them, from a dozen pixel counts."""
+
+    def count(mask: np.ndarray) -> int:
+        return int(np.count_nonzero(mask))
+
+    truth, reliable, instance = label, result.reliable, result.instance  # 0/1 uint8
+    changed = {"pixel": reliable & result.pixel, "instance": instance}
+    changed["mixed"] = changed["pixel"] & instance
+    positives, valid_pixels, valid_positives = count(truth), count(reliable), count(truth & reliable)
+    total, valid = {}, {}
+    for level in LEVELS:
+        pred = changed[level]
+        tp, predicted = count(pred & truth), count(pred)
+        total[level] = Confusion(tp, predicted - tp, positives - tp, label.size - predicted - positives + tp)
+        if level != "instance":  # pixel and mixed change lie where reliable
+            tp_valid, predicted_valid = tp, predicted
+        else:
+            tp_valid, predicted_valid = count(pred & truth & reliable), count(pred & reliable)
+        valid[level] = Confusion(tp_valid, predicted_valid - tp_valid, valid_positives - tp_valid,
+                                 valid_pixels - predicted_valid - valid_positives + tp_valid)
+    return total, valid
 
 
 def _ids(args: Args) -> list[str]:
@@ -156,8 +179,11 @@ def _run(jobs: list[_Job], workers: int) -> Iterator[PairStats]:
     if workers <= 1:
         yield from map(_process, jobs)
         return
-    # Spawned, not forked: a forked copy of a process whose torch threads have run can hang.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # Forked workers start at once, spawned ones import everything anew. Spawned all the same off Linux
+    # (macOS system libraries do not survive a fork) and once torch is loaded (a forked copy of a process
+    # whose torch threads have run can hang), as when diffmatch.bench calls this.
+    method = "fork" if sys.platform == "linux" and "torch" not in sys.modules else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
         yield from pool.map(_process, jobs, chunksize=max(1, min(32, len(jobs) // (8 * workers))))
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffmatch.png import encode_gray
+
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -138,9 +140,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def write_png(path: Path, array: np.ndarray, compress_level: int = 1) -> None:
     """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically (fast zlib level by default)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    data = encode_gray(array, compress_level) if array.ndim == 2 else None  # Pillow's bytes, sooner
     with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(tmp, format="PNG",
-                                                                          compress_level=compress_level)
+        if data is not None:
+            tmp.write_bytes(data)
+        else:
+            Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -7,6 +7,8 @@ before) in 5-bit groups offset by ASCII 48, as pycocotools does.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 
@@ -84,3 +86,164 @@ def decode_mask(segmentation: dict) -> np.ndarray:
         counts = counts.decode("ascii")
     runs = decode_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
     return counts_to_mask(runs, height, width)
+
+
+# --- Many masks as runs: decoding without masks, IoU on the runs ------------------------------------
+
+
+class Runs(NamedTuple):
+    """The foreground runs of ``count`` binary (H, W) masks, as half-open ranges of column-major pixel
+    indices (``row + col * H``), in any order. An empty mask has no run."""
+
+    starts: np.ndarray
+    """(R,) int64 first pixel of each run."""
+    ends: np.ndarray
+    """(R,) int64 one past the last pixel of each run."""
+    owner: np.ndarray
+    """(R,) int64 index of the mask each run belongs to."""
+    count: int
+    """Number of masks."""
+    height: int
+    """H of every mask."""
+    width: int
+    """W of every mask."""
+
+    def areas(self) -> np.ndarray:
+        """(K,) int64 pixel count of each mask (overlapping runs of one mask count twice)."""
+        return np.bincount(self.owner, weights=self.ends - self.starts, minlength=self.count).astype(np.int64)
+
+    def union(self, select: np.ndarray | None = None) -> np.ndarray:
+        """(H, W) bool union of the masks ``select`` (a (K,) bool array; None: all); only their runs are
+        decoded."""
+        starts, ends = (self.starts, self.ends) if select is None else (self.starts[select[self.owner]],
+                                                                         self.ends[select[self.owner]])
+        flat = np.zeros(self.height * self.width, dtype=bool)
+        flat[_run_pixels(starts, ends)] = True
+        return flat.reshape(self.width, self.height).T
+
+    def subset(self, keep: np.ndarray) -> Runs:
+        """The masks ``keep`` (a (K,) bool array), renumbered in order."""
+        index = np.cumsum(keep) - 1
+        runs = keep[self.owner]
+        return Runs(self.starts[runs], self.ends[runs], index[self.owner[runs]], int(keep.sum()), self.height,
+                    self.width)
+
+    def masks(self) -> np.ndarray:
+        """(K, H, W) bool masks, each stored column-major (the order of COCO RLE)."""
+        pixels = self.height * self.width
+        flat = np.zeros(self.count * pixels, dtype=bool)
+        flat[_run_pixels(self.starts + self.owner * pixels, self.ends + self.owner * pixels)] = True
+        return flat.reshape(self.count, self.width, self.height).transpose(0, 2, 1)
+
+
+def _run_pixels(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Every pixel index covered by the runs, concatenated."""
+    lengths = ends - starts
+    return np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+
+
+def runs_of_masks(masks: np.ndarray) -> Runs:
+    """The runs of (K, H, W) bool masks."""
+    count, height, width = masks.shape
+    flat = np.asarray(masks, dtype=bool).transpose(0, 2, 1).reshape(count, height * width)
+    edges = np.diff(flat.view(np.int8), axis=1, prepend=0, append=0)  # +1 where a run starts, -1 past its end
+    owner, starts = np.nonzero(edges == 1)
+    ends = np.nonzero(edges == -1)[1]  # row-major order: the k-th end closes the k-th start
+    return Runs(starts, ends, owner, count, height, width)
+
+
+class RLEError(ValueError):
+    """A malformed RLE among several; ``index`` is its position."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def runs_of_counts(counts: np.ndarray, lengths: np.ndarray, height: int, width: int) -> Runs:
+    """The runs of ``len(lengths)`` masks from their run lengths (COCO counts, 0s first) concatenated,
+    ``lengths[k]`` of them for mask k; raises RLEError if a mask's runs are negative or do not fill
+    (H, W) exactly."""
+    counts, lengths = np.asarray(counts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    first = np.cumsum(lengths) - lengths  # index of each mask's first run
+    ends = np.concatenate(([0], np.cumsum(counts)))
+    base, totals = ends[first], ends[first + lengths] - ends[first]  # pixels before each mask, its sum
+    bad = (totals != height * width) | (np.bincount(owner, weights=counts < 0, minlength=len(lengths)) > 0)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise RLEError(k, f"RLE runs sum to {int(totals[k])}, not {height}x{width}={height * width}")
+    ends = ends[1:] - base[owner]
+    fg = ((np.arange(len(counts)) - first[owner]) % 2 == 1) & (counts > 0)  # the non-empty runs of 1s
+    return Runs(ends[fg] - counts[fg], ends[fg], owner[fg], len(lengths), height, width)
+
+
+def decode_counts_many(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Run lengths of many compressed RLE strings at once, as ``decode_counts`` gives them: (all of
+    them concatenated, how many per string); raises RLEError on the first malformed string."""
+    joined = "".join(texts).encode()
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    c = np.frombuffer(joined, dtype=np.uint8).astype(np.int64) - 48
+    last = (c & 0x20) == 0  # a number ends at each group without the continuation bit
+    starts = np.flatnonzero(np.concatenate(([True], last[:-1])))  # the first group of each number
+    group = np.arange(len(c)) - np.repeat(starts, np.diff(np.append(starts, len(c))))
+    string_ends = np.cumsum(lengths)[lengths > 0] - 1
+    if len(joined) != len(c) or ((c < 0) | (c >= 64)).any() or not last[string_ends].all() or (group > 6).any():
+        return _decode_one_by_one(texts)  # non-ASCII, a bad character, a cut number, one of over 35 bits
+    x = np.add.reduceat((c & 0x1F) << (5 * group), starts) if len(c) else np.zeros(0, np.int64)
+    x -= np.where(c[last] & 0x10, 1 << (5 * (group[last] + 1)), 0)  # sign bit of a number's last group
+    per_string = np.bincount(np.repeat(np.arange(len(texts)), lengths)[last], minlength=len(texts))
+    # Runs after the third are stored as the difference to the run two before: running sums over the
+    # odd runs and over the even runs from the third on, restarting at each string.
+    first = np.repeat(np.cumsum(per_string) - per_string, per_string)
+    index = np.arange(len(x)) - first
+    counts = x.copy()
+    for lane in (index % 2 == 1, (index % 2 == 0) & (index > 0)):
+        running = np.concatenate(([0], np.cumsum(np.where(lane, x, 0))))
+        counts = np.where(lane, running[1:] - running[first], counts)
+    return counts, per_string
+
+
+def _decode_one_by_one(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``decode_counts_many`` for strings the vectorised path does not take: each with ``decode_counts``."""
+    decoded = []
+    for i, text in enumerate(texts):
+        try:
+            decoded.append(decode_counts(text))
+        except ValueError as err:
+            raise RLEError(i, str(err)) from None
+        if any(abs(v) >= 1 << 40 for v in decoded[-1]):  # larger than any image
+            raise RLEError(i, "RLE run out of range")
+    flat = [v for values in decoded for v in values]
+    return np.array(flat, dtype=np.int64), np.array([len(v) for v in decoded], dtype=np.int64)
+
+
+def runs_intersections(a: Runs, b: Runs) -> np.ndarray:
+    """(M, N) int64 pixel counts of ``a``'s masks meeting ``b``'s (same (H, W)); overlapping runs of one
+    mask count twice. Runs are cut at column ends, so only pieces of one column can meet."""
+    sa, ea, oa = _column_pieces(a)
+    sb, eb, ob = _column_pieces(b)
+    order = np.argsort(sb, kind="stable")
+    sb, eb, ob = sb[order], eb[order], ob[order]
+    lo = np.searchsorted(sb, sa - sa % a.height)  # b's pieces starting in a piece's column ...
+    hi = np.searchsorted(sb, ea)  # ... before the piece ends
+    n = hi - lo
+    ia = np.repeat(np.arange(len(sa)), n)
+    ib = np.arange(int(n.sum())) + np.repeat(lo - (np.cumsum(n) - n), n)
+    overlap = np.minimum(ea[ia], eb[ib]) - np.maximum(sa[ia], sb[ib])
+    pair = oa[ia] * b.count + ob[ib]
+    inter = np.bincount(pair, weights=np.maximum(overlap, 0), minlength=a.count * b.count)
+    return inter.astype(np.int64).reshape(a.count, b.count)
+
+
+def _column_pieces(runs: Runs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Starts, ends and owners of the runs cut at every column end."""
+    first, last = runs.starts // runs.height, (runs.ends - 1) // runs.height
+    pieces = last - first + 1
+    if (pieces == 1).all():
+        return runs.starts, runs.ends, runs.owner
+    index = np.repeat(np.arange(len(pieces)), pieces)
+    column = first[index] + np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    starts = np.maximum(runs.starts[index], column * runs.height)
+    ends = np.minimum(runs.ends[index], (column + 1) * runs.height)
+    return starts, ends, runs.owner[index]

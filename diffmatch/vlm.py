@@ -21,11 +21,10 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from diffmatch.config import CEGConfig
 from diffmatch.files import InputError
-from diffmatch.rle import decode_mask
+from diffmatch.rle import RLEError, Runs, decode_counts_many, runs_of_counts
 
 InstanceSource = Literal["auto", "json", "components"]
 VLM_SUFFIXES = (".npy", ".png.json", ".json", ".png")
@@ -42,9 +41,10 @@ class VLMOutput(NamedTuple):
     """One date's VLM output: what change event generation needs."""
 
     probs: np.ndarray
-    """(C, H, W) float32 per-class probabilities, in prompt order."""
-    instances: np.ndarray
-    """(K, H, W) bool foreground instance masks, each stored column-major (the order of COCO RLE)."""
+    """(C, H, W) per-class probabilities in prompt order: float16 as a float16 ``.npy`` stores them,
+    else float32."""
+    instances: Runs
+    """The K foreground instance masks, as runs (``.masks()`` decodes them)."""
     instance_classes: np.ndarray
     """(K,) int64 prompt index of each instance (-1 for connected components)."""
 
@@ -94,7 +94,8 @@ def find_files(folder: Path, image_id: str) -> VLMFiles:
 
 
 def read_probs(path: Path, num_classes: int) -> np.ndarray:
-    """(C, H, W) float32 probabilities from a ``.npy``; errors on a wrong shape or non-finite values."""
+    """(C, H, W) probabilities from a ``.npy``, float16 kept as stored, other floats as float32; errors on
+    a wrong shape or non-finite values."""
     try:
         probs = np.load(path, allow_pickle=False)
     except Exception as err:  # numpy raises several types for broken files
@@ -102,10 +103,19 @@ def read_probs(path: Path, num_classes: int) -> np.ndarray:
     if probs.ndim != 3 or probs.shape[0] != num_classes or not np.issubdtype(probs.dtype, np.floating):
         raise InputError(f"{path}: expected float (C={num_classes}, H, W) probabilities in --classes order, "
                          f"got {probs.dtype} {probs.shape}; fix --classes or re-export the VLM output")
-    probs = probs.astype(np.float32, copy=False)
-    if not np.isfinite(probs).all():
+    if probs.dtype != np.float16:
+        probs = probs.astype(np.float32, copy=False)
+    if not _all_finite(probs):
         raise InputError(f"{path}: probabilities contain NaN or inf; re-export the VLM output")
     return probs
+
+
+def _all_finite(probs: np.ndarray) -> bool:
+    """No NaN or inf; for float16 on the bit patterns (numpy's float16 loops are slow)."""
+    if probs.dtype != np.float16:
+        return bool(np.isfinite(probs).all())
+    bits = probs.view(np.uint16)  # exponent bits all 1: inf or NaN
+    return bool(bits.max() < 0x7C00 or not ((bits & 0x7C00) == 0x7C00).any())
 
 
 def read_class_map(path: Path, num_classes: int) -> np.ndarray:
@@ -124,7 +134,7 @@ def read_class_map(path: Path, num_classes: int) -> np.ndarray:
 
 
 class JSONInstances(NamedTuple):
-    masks: np.ndarray  # (K, H, W) bool
+    runs: Runs  # K masks
     classes: np.ndarray  # (K,) int64
     scores: np.ndarray  # (K,) float32
 
@@ -132,7 +142,7 @@ class JSONInstances(NamedTuple):
 def read_instances(path: Path, num_classes: int, size: tuple[int, int] | None,
                    keep: np.ndarray | None = None) -> JSONInstances:
     """The instances of a COCO result list (only those of the classes ``keep``, when given; every
-    record is checked); ``size`` (H, W), when given, must match every record."""
+    record is checked); ``size`` (H, W), when given, must match every record. Masks stay as runs."""
     try:
         records = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -140,51 +150,77 @@ def read_instances(path: Path, num_classes: int, size: tuple[int, int] | None,
     if not isinstance(records, list):
         raise InputError(f"{path}: expected a list of COCO result records; re-export the VLM output")
     wanted = None if keep is None else set(keep.tolist())
-    masks, classes, scores = [], [], []
+    counts, indices, classes, scores = [], [], [], []
     for i, rec in enumerate(records):
-        where = f"{path}: record {i}"
         try:
             k, seg = int(rec["category_id"]), rec["segmentation"]
-            height, width = (int(v) for v in seg["size"])
+            height, width = seg["size"]
+            height, width = int(height), int(width)
         except (KeyError, TypeError, ValueError):
-            raise InputError(f"{where} lacks category_id or segmentation.size; re-export with COCO "
-                             "results") from None
+            raise InputError(f"{path}: record {i} lacks category_id or segmentation.size; re-export with "
+                             "COCO results") from None
         if not 0 <= k < num_classes:
-            raise InputError(f"{where}: category_id {k} is outside --classes (0..{num_classes - 1}); "
-                             "fix --classes to the prompt list the VLM was given")
+            raise InputError(f"{path}: record {i}: category_id {k} is outside --classes "
+                             f"(0..{num_classes - 1}); fix --classes to the prompt list the VLM was given")
         if size is not None and (height, width) != size:
-            raise InputError(f"{where}: mask size {height}x{width} differs from the image's "
+            raise InputError(f"{path}: record {i}: mask size {height}x{width} differs from the image's "
                              f"{size[0]}x{size[1]}; run the VLM on the original image")
         size = (height, width)
         if wanted is not None and k not in wanted:
             continue
-        try:
-            masks.append(decode_mask(seg))
-        except (KeyError, TypeError, ValueError) as err:
-            raise InputError(f"{where}: bad RLE ({err}); re-export the VLM output") from None
+        counts.append(seg.get("counts"))
+        indices.append(i)
         classes.append(k)
         scores.append(float(rec.get("score", 1.0)))
     height, width = size if size is not None else (0, 0)
-    stacked = np.empty((len(masks), width, height), dtype=bool)
-    for i, mask in enumerate(masks):
-        stacked[i] = mask.T  # a plain copy: each (H, W) mask stays column-major, as its RLE
-    return JSONInstances(stacked.transpose(0, 2, 1), np.array(classes, dtype=np.int64),
-                         np.array(scores, dtype=np.float32))
+    try:
+        runs = _decode_runs(counts, height, width)
+    except RLEError as err:
+        raise InputError(f"{path}: record {indices[err.index]}: bad RLE ({err}); re-export the VLM "
+                         "output") from None
+    return JSONInstances(runs, np.array(classes, dtype=np.int64), np.array(scores, dtype=np.float32))
+
+
+def _decode_runs(counts: list, height: int, width: int) -> Runs:
+    """The runs of masks given as COCO counts (compressed strings or lists of run lengths); raises
+    RLEError naming the first bad one."""
+    if all(isinstance(c, str) for c in counts):  # what APE writes: all strings decoded at once
+        values, lengths = decode_counts_many(counts)
+    else:
+        parts = []
+        for i, text in enumerate(counts):
+            try:
+                parts.append(decode_counts_many([text])[0] if isinstance(text, str) else
+                             np.array([int(v) for v in text], dtype=np.int64))
+            except RLEError as err:
+                raise RLEError(i, str(err)) from None
+            except (TypeError, ValueError, OverflowError) as err:
+                raise RLEError(i, f"counts: {err}") from None
+        values = np.concatenate([np.zeros(0, np.int64), *parts])
+        lengths = np.array([len(p) for p in parts], dtype=np.int64)
+    return runs_of_counts(values, lengths, height, width)
 
 
 def probs_from_instances(inst: JSONInstances, num_classes: int, size: tuple[int, int]) -> np.ndarray:
     """(C, H, W) probabilities: per class, the max score of its instances covering the pixel (METHOD §3)."""
     probs = np.zeros((num_classes, *size), dtype=np.float32)
-    for mask, k, score in zip(inst.masks, inst.classes, inst.scores, strict=True):
+    for mask, k, score in zip(inst.runs.masks(), inst.classes, inst.scores, strict=True):
         np.maximum(probs[k], mask * score, out=probs[k])
     return probs
 
 
-def components(mask: np.ndarray, connectivity: int) -> np.ndarray:
-    """(K, H, W) bool connected components of a bool (H, W) mask (4- or 8-connectivity)."""
+def components(mask: np.ndarray, connectivity: int) -> Runs:
+    """The connected components of a bool (H, W) mask (4- or 8-connectivity), as runs."""
+    from scipy import ndimage  # imported here: the CEG command starts faster without it
+
     structure = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
     labels, count = ndimage.label(mask, structure=structure)
-    return (labels.T[None] == np.arange(1, count + 1)[:, None, None]).transpose(0, 2, 1)  # column-major
+    flat = labels.T.ravel()  # column-major, the order of runs
+    starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
+    ends = np.append(starts[1:], flat.size)
+    owner = flat[starts].astype(np.int64) - 1
+    fg = owner >= 0
+    return Runs(starts[fg], ends[fg], owner[fg], int(count), *mask.shape)
 
 
 def read_vlm(folder: Path, image_id: str, cfg: CEGConfig, instances: InstanceSource = "auto",
@@ -213,16 +249,16 @@ def read_vlm(folder: Path, image_id: str, cfg: CEGConfig, instances: InstanceSou
     inst = None
     if probs is None:
         inst = read_instances(files.json, num_classes, size)
-        if size is None and len(inst.masks) == 0:
+        if size is None and inst.runs.count == 0:
             raise InputError(f"{files.json}: no records and no image size; add the .npy or the image")
-        probs = probs_from_instances(inst, num_classes, size or inst.masks.shape[1:])
-    elif use_json:
+        probs = probs_from_instances(inst, num_classes, size or (inst.runs.height, inst.runs.width))
+    elif use_json:  # only foreground instances take part (§3.2.3)
         inst = read_instances(files.json, num_classes, size, keep=fg_idx)
+        return VLMOutput(probs, inst.runs, inst.classes)
     if use_json:
-        keep = np.isin(inst.classes, fg_idx)  # only foreground instances take part (§3.2.3)
-        if keep.all():  # always when read with keep=fg_idx: no copy of the masks
-            return VLMOutput(probs, inst.masks, inst.classes)
-        return VLMOutput(probs, inst.masks[keep], inst.classes[keep])
-    fg_mask = probs[fg_idx].max(0) >= probs[bg_idx].max(0)  # I_t, Eq. 4-5
-    masks = components(fg_mask, cfg.connectivity)
-    return VLMOutput(probs, masks, np.full(len(masks), -1, dtype=np.int64))
+        keep = np.isin(inst.classes, fg_idx)
+        return VLMOutput(probs, inst.runs.subset(keep), inst.classes[keep])
+    as_float32 = probs.astype(np.float32, copy=False)
+    fg_mask = as_float32[fg_idx].max(0) >= as_float32[bg_idx].max(0)  # I_t, Eq. 4-5
+    runs = components(fg_mask, cfg.connectivity)
+    return VLMOutput(probs, runs, np.full(runs.count, -1, dtype=np.int64))

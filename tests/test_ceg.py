@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from diffmatch.ceg import (
+    CEGResult,
     concept_probs,
     generate,
     instance_change,
@@ -23,10 +24,11 @@ from diffmatch.ceg import (
     segment,
     single_date_mask,
 )
-from diffmatch.ceg_cli import Args, main
+from diffmatch.ceg_cli import LEVELS, Args, level_confusions, main
 from diffmatch.config import CEGConfig
 from diffmatch.files import InputError
-from diffmatch.rle import encode_mask
+from diffmatch.metrics import confusion
+from diffmatch.rle import Runs, encode_mask, runs_of_masks
 from diffmatch.vlm import VLMOutput, concepts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -34,12 +36,12 @@ VECTORS = SHARED / "data" / "ceg-vectors"
 CFG = CEGConfig(classes=("house", "road"), foreground=("house",), background=("road",))
 
 
-def masks(*instances: list[list[int]]) -> np.ndarray:
-    return np.array(instances, dtype=bool)
+def masks(*instances: list[list[int]]) -> Runs:
+    return runs_of_masks(np.array(instances, dtype=bool))
 
 
-def empty(h: int = 2, w: int = 3) -> np.ndarray:
-    return np.zeros((0, h, w), bool)
+def empty(h: int = 2, w: int = 3) -> Runs:
+    return runs_of_masks(np.zeros((0, h, w), bool))
 
 
 # --- Eq. 4-7: concepts, segmentation, reliability, pixel-level change -----------------------------
@@ -64,6 +66,25 @@ def test_pixel_change_and_single_date_mask() -> None:
     assert pixel_change(a, b).tolist() == [[0, 1, 0, 1]]  # Eq. 7
     valid = np.array([[True, False, True, True]])
     assert single_date_mask(a, valid).tolist() == [[0, 255, 1, 0]]
+
+
+def test_float16_gives_what_float32_gives() -> None:
+    # Every finite float16 value >= 0 against thresholds on, between and beyond float16 values.
+    values = np.arange(0x7C00, dtype=np.uint16).view(np.float16)
+    zero = np.zeros_like(values)
+    for gamma in (0.0, -1.0, 2.0**-25, 2.0**-24, 1 / 3, 0.5, 0.8, 0.99951171875, 0.9995, 1.0, 65504.0, 65519.0,
+                  7e4, float("nan")):
+        want = reliable(values.astype(np.float32), zero.astype(np.float32), gamma)
+        assert np.array_equal(reliable(values, zero, gamma), want), gamma
+    # Random maps with ties, zeros and subnormals; negative values take the float32 way.
+    rng = np.random.default_rng(0)
+    for low in (0.0, -0.5):
+        probs = rng.choice(np.array([low, 0, 2.0**-20, 0.25, 0.5, 0.8, 1], np.float16), (6, 9, 11))
+        fg, bg = concept_probs(probs, concepts(CEGConfig()))
+        fg32, bg32 = concept_probs(probs.astype(np.float32), concepts(CEGConfig()))
+        assert np.array_equal(fg.astype(np.float32), fg32) and np.array_equal(bg.astype(np.float32), bg32)
+        assert np.array_equal(segment(fg, bg), segment(fg32, bg32))
+        assert np.array_equal(reliable(fg, bg, 0.8), reliable(fg32, bg32, 0.8))
 
 
 # --- Eq. 8-10: instance-level change --------------------------------------------------------------
@@ -110,11 +131,12 @@ def test_instance_iou_matches_dense_counts_in_any_memory_layout() -> None:
     inter = np.einsum("mhw,nhw->mn", a.astype(int), b.astype(int))
     union = a.sum((1, 2))[:, None] + b.sum((1, 2))[None, :] - inter
     expected = np.divide(inter, union, out=np.zeros(inter.shape), where=union > 0).astype(np.float32)
-    column_major = np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1)  # as vlm reads RLE
+    column_major = np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1)  # as COCO RLE stores them
     for masks_a in (a, column_major):
-        iou = instance_iou(masks_a, b)
+        iou = instance_iou(runs_of_masks(masks_a), runs_of_masks(b))
         assert iou.dtype == np.float32 and np.array_equal(iou, expected)
-    assert instance_change(column_major, b).flags.c_contiguous
+    change = instance_change(runs_of_masks(column_major), runs_of_masks(b))
+    assert change.flags.c_contiguous and change.dtype == np.uint8
 
 
 # --- Eq. 11 and the whole pair ----------------------------------------------------------------------
@@ -127,9 +149,9 @@ def test_mixed_change() -> None:
     assert mixed_change(pixel, instance, valid).tolist() == [[1, 0, 0, 255]]
 
 
-def vlm(house: list[list[float]], road: list[list[float]], instances: np.ndarray) -> VLMOutput:
+def vlm(house: list[list[float]], road: list[list[float]], instances: Runs) -> VLMOutput:
     probs = np.array([house, road], np.float32)
-    return VLMOutput(probs, instances, np.zeros(len(instances), np.int64))
+    return VLMOutput(probs, instances, np.zeros(instances.count, np.int64))
 
 
 def test_generate_pair_by_hand() -> None:
@@ -145,6 +167,17 @@ def test_generate_pair_by_hand() -> None:
     assert r.change("pixel").tolist() == [[0, 1, 1, 255]]
     assert r.change("instance").tolist() == [[0, 0, 1, 0]]
     assert r.seg_a.tolist() == [[1, 1, 0, 1]] and r.seg_b.tolist() == [[1, 0, 1, 0]]  # reliable at 0.5
+
+
+def test_level_confusions_are_those_of_each_level() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        label, pixel, instance, both = (rng.random((4, 9, 11)) < rng.random((4, 1, 1))).astype(np.uint8)
+        result = CEGResult(pixel, instance, both, pixel, pixel)
+        total, valid = level_confusions(result, label)
+        for level in LEVELS:
+            pred = result.change(level) == 1  # ignore (255) counts as no change
+            assert total[level] == confusion(pred, label) and valid[level] == confusion(pred, label, both)
 
 
 # --- The shared vectors through the CLI -------------------------------------------------------------
@@ -220,6 +253,16 @@ def test_workers_give_the_same_files(vectors: Path) -> None:
     main(Args(root=vectors, out_name="two", workers=2))
     for path in sorted((vectors / "one").rglob("*.png")):
         assert np.array_equal(read(path), read(vectors / "two" / path.relative_to(vectors / "one")))
+
+
+def test_worker_processes_of_the_command(vectors: Path) -> None:
+    # A fresh interpreter without torch: the workers are forked.
+    proc = subprocess.run([sys.executable, "-m", "diffmatch.ceg", "--root", str(vectors), "--workers", "2"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    for expected, written in (("mixed", "change"), ("seg_A", "A"), ("seg_B", "B")):
+        for path in sorted((VECTORS / "expected" / expected).glob("*.png")):
+            assert np.array_equal(read(vectors / "pseudo" / written / path.name), read(path)), path.name
 
 
 def test_missing_date_is_an_error(vectors: Path) -> None:

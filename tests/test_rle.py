@@ -1,11 +1,25 @@
-"""COCO RLE in numpy: hand-computed strings and run lengths, round trips, malformed input."""
+"""COCO RLE in numpy: hand-computed strings and run lengths, round trips, malformed input; many masks
+as runs and their IoU without decoding."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from diffmatch.rle import counts_to_mask, decode_counts, decode_mask, encode_counts, encode_mask, mask_to_counts
+from diffmatch.rle import (
+    RLEError,
+    Runs,
+    counts_to_mask,
+    decode_counts,
+    decode_counts_many,
+    decode_mask,
+    encode_counts,
+    encode_mask,
+    mask_to_counts,
+    runs_intersections,
+    runs_of_counts,
+    runs_of_masks,
+)
 
 # Column-major: column 0 = 0 0 0, column 1 = 1 1 0, column 2 = 0 1 0 -> runs 3, 2, 2, 1, 1.
 MASK_3X3 = np.array([[0, 1, 0], [0, 1, 1], [0, 0, 0]], dtype=bool)
@@ -76,3 +90,96 @@ def test_runs_not_filling_the_mask() -> None:
 def test_long_and_negative_deltas_round_trip() -> None:
     counts = [0, 70000, 3, 1, 40000, 2, 5, 123456789, 1]  # deltas to the run two before go negative
     assert decode_counts(encode_counts(counts)) == counts
+
+
+# --- Many masks as runs -------------------------------------------------------------------------------
+
+
+def test_decode_many_strings_at_once() -> None:
+    # "322OO" = 3 2 2 1 1 (the last two stored as -1 against the run two before), "" = no runs,
+    # "T3" = 100 in two groups, "04" = 0 4.
+    counts, lengths = decode_counts_many([STRING_3X3, "", "T3", "04"])
+    assert counts.tolist() == [3, 2, 2, 1, 1, 100, 0, 4] and lengths.tolist() == [5, 0, 1, 2]
+    counts, lengths = decode_counts_many([])
+    assert counts.tolist() == [] and lengths.tolist() == []
+
+
+@pytest.mark.parametrize(("texts", "index", "message"), [
+    (["322OO", "3/2"], 1, "invalid character '/'"),
+    (["T", "04"], 0, "ends inside"),  # a number cut at the end of its string, though the next one goes on
+    (["04", "322OO", "é4"], 2, "invalid character"),
+    (["04", "ooooooooooo0"], 1, "out of range"),  # eleven continued groups: a run of 60 bits
+])
+def test_decode_many_names_the_bad_string(texts: list[str], index: int, message: str) -> None:
+    with pytest.raises(RLEError, match=message) as err:
+        decode_counts_many(texts)
+    assert err.value.index == index
+
+
+def test_decode_many_long_numbers_as_decode_counts() -> None:
+    counts = [0, 70000, 3, 1, 40000, 2, 5, 123456789, 1]
+    texts = [encode_counts(counts), encode_counts([5, 2**34, 7]), "0" + "P" * 8 + "0"]  # last: 0 0, padded
+    values, lengths = decode_counts_many(texts)
+    assert values.tolist() == [v for t in texts for v in decode_counts(t)] and lengths.tolist() == [9, 3, 2]
+
+
+def test_runs_of_counts_by_hand() -> None:
+    # MASK_3X3 column-major: 0 0 0 | 1 1 0 | 0 1 0 -> runs [3, 5) and [7, 8); then a full and an empty mask.
+    runs = runs_of_counts(np.array([3, 2, 2, 1, 1, 0, 9, 9]), np.array([5, 2, 1]), 3, 3)
+    assert runs.count == 3 and (runs.height, runs.width) == (3, 3)
+    assert runs.starts.tolist() == [3, 7, 0] and runs.ends.tolist() == [5, 8, 9]
+    assert runs.owner.tolist() == [0, 0, 1] and runs.areas().tolist() == [3, 9, 0]
+    assert np.array_equal(runs.masks()[0], MASK_3X3) and runs.masks()[1].all() and not runs.masks()[2].any()
+    with pytest.raises(RLEError, match="sum to 8, not 3x3=9") as err:
+        runs_of_counts(np.array([9, 3, 2, 2, 1]), np.array([1, 4]), 3, 3)
+    assert err.value.index == 1
+    with pytest.raises(RLEError, match="sum to 9"):  # a negative run, though the sum is right
+        runs_of_counts(np.array([10, -1]), np.array([2]), 3, 3)
+
+
+def test_runs_union_subset_and_intersections_by_hand() -> None:
+    # 3x4 masks; a0 is the left two columns (one run over both), a1 pixel (2, 3); b0 rows 0-1 of columns
+    # 1-2, b1 column 3.
+    a = np.zeros((2, 3, 4), bool)
+    a[0, :, :2] = True
+    a[1, 2, 3] = True
+    b = np.zeros((2, 3, 4), bool)
+    b[0, :2, 1:3] = True
+    b[1, :, 3] = True
+    runs_a, runs_b = runs_of_masks(a), runs_of_masks(b)
+    assert runs_a.starts.tolist() == [0, 11] and runs_a.ends.tolist() == [6, 12]  # the run crosses a column
+    # a0 & b0: rows 0-1 of column 1 = 2 pixels; a1 & b1: 1 pixel.
+    assert runs_intersections(runs_a, runs_b).tolist() == [[2, 0], [0, 1]]
+    assert runs_intersections(runs_b, runs_a).tolist() == [[2, 0], [0, 1]]
+    assert np.array_equal(runs_a.union(np.array([False, True])), a[1])
+    assert np.array_equal(runs_b.union(), b.any(0))
+    kept = runs_b.subset(np.array([False, True]))
+    assert kept.count == 1 and np.array_equal(kept.masks(), b[1:])
+    empty = runs_of_masks(np.zeros((0, 3, 4), bool))
+    assert runs_intersections(runs_a, empty).shape == (2, 0) and not empty.union().any()
+
+
+def test_runs_match_decoded_masks_random() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        h, w = int(rng.integers(1, 25)), int(rng.integers(1, 25))
+        masks_a = rng.random((int(rng.integers(0, 6)), h, w)) < rng.random()
+        masks_b = rng.random((int(rng.integers(0, 6)), h, w)) < rng.random()
+        if len(masks_a) and trial % 3 == 0:
+            masks_a[0] = False  # an empty mask: no runs
+        texts = [encode_mask(m)["counts"] for m in masks_a]
+        counts, lengths = decode_counts_many(texts)
+        assert counts.tolist() == [v for t in texts for v in decode_counts(t)]
+        runs_a = runs_of_counts(counts, lengths, h, w)
+        runs_b = runs_of_masks(masks_b)
+        assert np.array_equal(runs_a.masks(), masks_a) and np.array_equal(runs_b.masks(), masks_b)
+        assert runs_a.areas().tolist() == masks_a.sum((1, 2)).tolist()
+        dense = np.einsum("mhw,nhw->mn", masks_a.astype(np.int64), masks_b.astype(np.int64))
+        assert np.array_equal(runs_intersections(runs_a, runs_b), dense)
+        select = rng.random(len(masks_a)) < 0.5
+        assert np.array_equal(runs_a.union(select), masks_a[select].any(0))
+
+
+def test_runs_are_a_named_tuple_of_arrays() -> None:
+    runs = runs_of_masks(MASK_3X3[None])
+    assert isinstance(runs, Runs) and runs.starts.dtype == runs.ends.dtype == np.int64

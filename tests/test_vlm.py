@@ -12,7 +12,7 @@ from PIL import Image
 from diffmatch.config import CEGConfig
 from diffmatch.files import InputError
 from diffmatch.rle import encode_mask, mask_to_counts
-from diffmatch.vlm import concepts, find_files, list_ids, read_vlm, vlm_id
+from diffmatch.vlm import concepts, find_files, list_ids, read_instances, read_vlm, vlm_id
 
 CFG = CEGConfig()  # house, building | road, grass, tree, water
 H, W = 4, 5
@@ -51,11 +51,23 @@ def test_ids_and_file_names(tmp_path: Path) -> None:
     assert find_files(tmp_path, "b").json == tmp_path / "b.png.json"  # APE's own name wins
 
 
-def test_npy_float16_is_read_as_float32(tmp_path: Path) -> None:
-    probs = np.random.default_rng(0).random((6, H, W)).astype(np.float16)
+def test_npy_float16_is_kept_and_float64_becomes_float32(tmp_path: Path) -> None:
+    probs = np.random.default_rng(0).random((6, H, W))
+    np.save(tmp_path / "x.npy", probs.astype(np.float16))
+    out = read_vlm(tmp_path, "x", CFG)
+    assert out.probs.dtype == np.float16 and np.array_equal(out.probs, probs.astype(np.float16))
     np.save(tmp_path / "x.npy", probs)
     out = read_vlm(tmp_path, "x", CFG)
     assert out.probs.dtype == np.float32 and np.array_equal(out.probs, probs.astype(np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_float16_non_finite_is_an_error(tmp_path: Path, bad: float) -> None:
+    probs = np.full((6, H, W), -0.5, np.float16)  # negative values: the slow check
+    probs[3, 1, 2] = bad
+    np.save(tmp_path / "x.npy", probs)
+    with pytest.raises(InputError, match="NaN or inf"):
+        read_vlm(tmp_path, "x", CFG)
 
 
 def test_json_instances_keep_only_foreground(tmp_path: Path) -> None:
@@ -64,7 +76,24 @@ def test_json_instances_keep_only_foreground(tmp_path: Path) -> None:
                                          record(1, box(1, 1, 3, 3), compressed=False)])
     out = read_vlm(tmp_path, "x", CFG)
     assert out.instance_classes.tolist() == [0, 1]
-    assert np.array_equal(out.instances, np.stack([box(0, 0, 2, 2), box(1, 1, 3, 3)]))
+    assert np.array_equal(out.instances.masks(), np.stack([box(0, 0, 2, 2), box(1, 1, 3, 3)]))
+
+
+def test_counts_as_strings_and_lists(tmp_path: Path) -> None:
+    masks = [box(0, 0, 2, 2), box(1, 1, 3, 3), box(2, 0, 4, 5)]
+    records = [record(0, masks[0]), record(1, masks[1], compressed=False), record(0, masks[2])]
+    write_json(tmp_path / "x.json", records)
+    inst = read_instances(tmp_path / "x.json", 6, (H, W))
+    assert np.array_equal(inst.runs.masks(), np.stack(masks)) and inst.classes.tolist() == [0, 1, 0]
+    assert inst.scores.dtype == np.float32 and np.allclose(inst.scores, 0.9)
+
+
+def test_bad_rle_names_its_record_among_skipped_ones(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((6, H, W), np.float32))
+    bad = {"category_id": 1, "segmentation": {"size": [H, W], "counts": "0"}}  # runs sum to 0, not 20
+    write_json(tmp_path / "x.json", [record(3, box(0, 0, 1, 1)), record(0, box(0, 0, 1, 1)), bad])
+    with pytest.raises(InputError, match=r"x.json: record 2: bad RLE \(RLE runs sum to 0, not 4x5=20\)"):
+        read_vlm(tmp_path, "x", CFG)
 
 
 def test_probs_from_instance_scores(tmp_path: Path) -> None:
@@ -78,7 +107,7 @@ def test_probs_from_instance_scores(tmp_path: Path) -> None:
     assert np.allclose(out.probs[0], house)
     assert np.allclose(out.probs[2], box(3, 0, 4, 5) * 0.7)
     assert not out.probs[[1, 3, 4, 5]].any()
-    assert len(out.instances) == 2
+    assert out.instances.count == 2
 
 
 def test_class_map_png_and_components(tmp_path: Path) -> None:
@@ -91,11 +120,11 @@ def test_class_map_png_and_components(tmp_path: Path) -> None:
     assert out.probs.shape == (6, H, W) and out.probs[:, 0, 4].sum() == 0  # 255 = unknown: all 0
     assert out.probs[5, 2, 3] == 1 and out.probs.sum() == (labels != 255).sum()
     # Foreground (fg >= bg): the classes 0/1 plus the unknown pixels (tie 0 >= 0).
-    assert len(out.instances) == 3  # 8-connected: {(0,0),(1,1),(0,2)}, unknown column, bottom-left pair
+    assert out.instances.count == 3  # 8-connected: {(0,0),(1,1),(0,2)}, unknown column, bottom-left pair
     assert (out.instance_classes == -1).all()
     four = read_vlm(tmp_path, "x", CEGConfig(connectivity=4))
-    assert len(four.instances) == 5  # the diagonal trio splits in three
-    assert np.array_equal(four.instances.sum(0), out.instances.sum(0))  # a partition of the same mask
+    assert four.instances.count == 5  # the diagonal trio splits in three
+    assert np.array_equal(four.instances.masks().sum(0), out.instances.masks().sum(0))  # a partition of the same mask
 
 
 def test_components_instead_of_json(tmp_path: Path) -> None:
@@ -104,14 +133,14 @@ def test_components_instead_of_json(tmp_path: Path) -> None:
     probs[0][box(0, 0, 2, 2)] = 1.0
     np.save(tmp_path / "x.npy", probs)
     write_json(tmp_path / "x.json", [record(0, box(3, 3, 4, 5))])
-    assert np.array_equal(read_vlm(tmp_path, "x", CFG, "json").instances, box(3, 3, 4, 5)[None])
-    assert np.array_equal(read_vlm(tmp_path, "x", CFG, "components").instances, box(0, 0, 2, 2)[None])
+    assert np.array_equal(read_vlm(tmp_path, "x", CFG, "json").instances.masks(), box(3, 3, 4, 5)[None])
+    assert np.array_equal(read_vlm(tmp_path, "x", CFG, "components").instances.masks(), box(0, 0, 2, 2)[None])
 
 
 def test_empty_json_with_npy(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.zeros((6, H, W), np.float32))
     write_json(tmp_path / "x.json", [])
-    assert read_vlm(tmp_path, "x", CFG).instances.shape == (0, H, W)
+    assert read_vlm(tmp_path, "x", CFG).instances.masks().shape == (0, H, W)
 
 
 def bad_npy(tmp_path: Path) -> None:
