@@ -192,9 +192,9 @@ class Instances:
         """Class-wise NMS of the boxes (image coordinates), then SAM masks, one image embedding per window."""
         if not found:
             return []
-        boxes = torch.tensor([b for b, *_ in found])
-        keep = batched_nms(boxes, torch.tensor([s for _, _, s, _ in found]), torch.tensor([c for _, c, _, _ in found]),
-                           self.nms_iou).tolist()  # by falling score
+        boxes = torch.tensor([b for b, *_ in found], dtype=torch.float32)
+        scores = torch.tensor([s for _, _, s, _ in found], dtype=torch.float32)
+        keep = batched_nms(boxes, scores, torch.tensor([c for _, c, _, _ in found]), self.nms_iou).tolist()  # by score
         kept = [found[k] for k in keep]
         masks: dict[int, np.ndarray] = {}
         for y, x in sorted({win for *_, win in kept}):
