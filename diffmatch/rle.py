@@ -23,6 +23,23 @@ def mask_to_counts(mask: np.ndarray) -> list[int]:
     return [0, *runs] if flat[0] else runs
 
 
+def window_counts(mask: np.ndarray, top: int, left: int, height: int, width: int) -> list[int]:
+    """``mask_to_counts`` of a (height, width) mask that is 0 except for the (h, w) ``mask`` at (top, left),
+    without building the large mask (a window's instance in a scene)."""
+    h, w = mask.shape
+    if top < 0 or left < 0 or top + h > height or left + w > width:
+        raise ValueError(f"a {h}x{w} window at ({top}, {left}) does not fit in {height}x{width}")
+    padded = np.zeros((w, h + 2), dtype=np.int8)
+    padded[:, 1:-1] = np.asarray(mask, dtype=bool).T  # column by column, the order of COCO RLE
+    cols, rows = np.nonzero(np.diff(padded, axis=1))  # each run of 1s: its first pixel, then the one after it
+    bounds = (left + cols).astype(np.int64) * height + top + rows
+    if len(bounds):  # a run that goes on at the top of the next column (a window as tall as the mask) is one run
+        joined = np.flatnonzero(bounds[1:-1:2] == bounds[2::2])
+        bounds = np.delete(bounds, np.concatenate([2 * joined + 1, 2 * joined + 2]))
+    runs = np.diff(np.concatenate(([0], bounds, [height * width]))).tolist()
+    return runs[:-1] if len(runs) > 1 and runs[-1] == 0 else runs
+
+
 def counts_to_mask(counts: list[int], height: int, width: int) -> np.ndarray:
     """The (H, W) bool mask of run lengths; raises ValueError if they do not fill it exactly."""
     runs = np.asarray(counts, dtype=np.int64)

@@ -19,6 +19,7 @@ from diffmatch.rle import (
     runs_intersections,
     runs_of_counts,
     runs_of_masks,
+    window_counts,
 )
 
 # Column-major: column 0 = 0 0 0, column 1 = 1 1 0, column 2 = 0 1 0 -> runs 3, 2, 2, 1, 1.
@@ -183,3 +184,20 @@ def test_runs_match_decoded_masks_random() -> None:
 def test_runs_are_a_named_tuple_of_arrays() -> None:
     runs = runs_of_masks(MASK_3X3[None])
     assert isinstance(runs, Runs) and runs.starts.dtype == runs.ends.dtype == np.int64
+def test_window_counts_are_those_of_the_pasted_mask() -> None:
+    # A 2x2 window at (1, 1) of a 3x3 mask: column 1 = 0 1 1, column 2 = 0 1 0.
+    assert window_counts(np.array([[1, 1], [1, 0]], bool), 1, 1, 3, 3) == [4, 2, 1, 1, 1]
+    # As tall as the mask: the run at the bottom of column 0 goes on at the top of column 1 (one run).
+    assert window_counts(np.array([[0, 1], [1, 0]], bool), 0, 0, 2, 2) == [1, 2, 1]
+    assert window_counts(np.ones((2, 2), bool), 0, 1, 2, 3) == [2, 4]  # ends in 1s: no empty last run
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        height, width = rng.integers(1, 9, 2)
+        h, w = rng.integers(1, height + 1), rng.integers(1, width + 1)
+        top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        window = rng.random((h, w)) < rng.random()
+        full = np.zeros((height, width), bool)
+        full[top : top + h, left : left + w] = window
+        assert window_counts(window, top, left, height, width) == mask_to_counts(full)
+    with pytest.raises(ValueError, match="does not fit"):
+        window_counts(np.ones((2, 2), bool), 2, 0, 3, 3)
