@@ -245,9 +245,9 @@ def test_instance_json_round_trips_through_the_readers(root: Path, models: dict[
             same = (classes[:, None] == classes[None]) & ~torch.eye(len(records), dtype=torch.bool)
             assert (box_iou(boxes, boxes)[same] <= 0.5 + 1e-4).all()  # class-wise NMS
             inst = read_instances(path, len(CLASSES), size)
-            assert np.array_equal(inst.masks, np.stack(masks)) and inst.classes.tolist() == classes.tolist()
+            assert np.array_equal(inst.runs.masks(), np.stack(masks)) and inst.classes.tolist() == classes.tolist()
             out = read_vlm(root / "vlm" / date, image_id, CEGConfig(), "json", size)
-            assert np.array_equal(out.instances, np.stack(masks))
+            assert np.array_equal(out.instances.masks(), np.stack(masks))
     assert ceg(CEGArgs(root=root, instances="json")) is not None
 
 
