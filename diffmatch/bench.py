@@ -175,7 +175,7 @@ def bench_pipeline(root: Path, ids: list[str], *, crop: int, batch_size: int, wo
 
 def bench_train(root: Path, ids: list[str], *, method: Method, model_cfg: ModelConfig, crop: int, batch_size: int,
                 device: torch.device, warmup: int = 2, iters: int = 5, amp: bool = False) -> dict:
-    """One training iteration (METHOD §6): ``ms`` (median, min) of data, forward, backward, step and the
+    """One training iteration (§3, Table 1): ``ms`` (median, min) of data, forward, backward, step and the
     iteration; ``bare_ms`` of the bare model's forward+backward on the same images and ``vs_bare``, the
     iteration's forward+backward over it; peak memory in MiB and what it measures."""
     count, pseudo = batch_size * (warmup + iters), PSEUDO if method == "diffmatch" else None
@@ -268,16 +268,10 @@ def format_table(results: dict) -> str:
 def bench_methods(args: Args, runs: Path) -> dict:
     """Train the methods for every seed under ``args.regime`` on ``args.data`` (CEG labels made where
     missing) or on a synthetic set written under ``runs``; the runs' test scores and their summary."""
-    root = args.data or runs / "data"
-    if args.data is None:
-        say(f"methods: writing {args.regime.pairs} synthetic pairs of {args.regime.size} px to {root}")
-        comparison.prepare_data(root, args.regime, workers=max(args.ceg_workers))
-    else:
-        comparison.prepare_labels(root, workers=max(args.ceg_workers))
+    root = comparison.data_root(args.data, runs, args.regime, workers=max(args.ceg_workers))
     start = time.perf_counter()
     result = comparison.compare(root, runs, methods=args.methods or comparison.METHODS, seeds=args.seeds,
-                                regime=args.regime, device=args.device, workers=1,
-                                jobs=args.jobs)
+                                regime=args.regime, device=args.device, jobs=args.jobs)
     return {**result, "seconds": time.perf_counter() - start}
 
 

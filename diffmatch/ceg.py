@@ -1,6 +1,6 @@
 """Change event generation (CEG, §3.2): pseudo change labels from two single-date VLM outputs.
 
-Pure numpy functions, one per equation, exactly as fixed by METHOD §4:
+Pure numpy functions, one per equation, as README §2 and §5 fix them:
 
 - concept probabilities ``fg``/``bg`` = max over the foreground/background classes (Eq. 4);
 - segmentation ``I_t = fg >= bg`` (Eq. 5; ties go to foreground), reliability ``max(fg, bg) >= γ``

@@ -1,5 +1,5 @@
 """The ``python -m diffmatch.ceg`` command: CEG pseudo labels for a data set, and CEG as an
-unsupervised change detector (§3.2, §4.4, §4.5.1; METHOD §4).
+unsupervised change detector (§3.2, §4.4, §4.5.1; README §2).
 
 Reads ``ROOT/vlm/{A,B}`` for every id with VLM outputs and writes ``ROOT/<out-name>/change/<id>.png``
 (the ``--mode`` change label: 0, 1, 255 = ignore) and ``ROOT/<out-name>/{A,B}/<id>.png`` (single-date

@@ -76,6 +76,16 @@ def prepare_labels(root: Path, *, workers: int = 1) -> None:
                                   workers=workers))
 
 
+def data_root(data: Path | None, runs: Path, regime: Regime, *, workers: int = 1) -> Path:
+    """``data`` with CEG labels made where missing, or (None) the regime's synthetic set under ``runs``."""
+    if data is not None:
+        prepare_labels(data, workers=workers)
+        return data
+    print(f"writing {regime.pairs} synthetic pairs of {regime.size} px to {runs / 'data'}", file=sys.stderr)
+    prepare_data(runs / "data", regime, workers=workers)
+    return runs / "data"
+
+
 def encoder_weights(path: Path, regime: Regime) -> str:
     """The ``--model.weights`` of the regime: a pretrained encoder at ``path`` (made once), or ``none``."""
     if regime.pretrain_iters == 0:

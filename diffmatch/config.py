@@ -2,7 +2,7 @@
 
 Each entry point parses its own ``Args`` with ``tyro.cli`` in its ``__main__`` block; functions take
 the sub-config they need (``DataConfig``, ``ModelConfig``, ...) or plain arguments, never the whole
-``Args``. Defaults are the paper's settings (§4.1.2) as fixed in METHOD.md.
+``Args``. Defaults are the paper's settings (§4.1.2) as listed in README §3.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Weak and strong views (METHOD §6; UniMatch's transforms)."""
+    """Weak and strong views (README §3; UniMatch's transforms)."""
 
     scale: tuple[float, float] = (0.8, 1.2)
     """Random rescale range of the long side (weak view)."""
@@ -73,7 +73,7 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    """Siamese encoder and decoders (METHOD §5; §3.4–3.7)."""
+    """Siamese encoder and decoders (§3.4–3.7)."""
 
     backbone: Backbone = "resnet50"
     """torchvision ResNet shared by both dates; the last stage is dilated (output stride 16)."""
@@ -89,7 +89,7 @@ class ModelConfig:
 
 @dataclass
 class CEGConfig:
-    """Change event generation from single-date VLM outputs (§3.2; METHOD §3–4)."""
+    """Change event generation from single-date VLM outputs (§3.2; README §2)."""
 
     mode: CEGMode = "mixed"
     """Change labels to write: ``pixel`` (Eq. 7), ``instance`` (Eq. 8–10) or ``mixed`` (Eq. 11)."""
@@ -115,7 +115,7 @@ class CEGConfig:
 
 @dataclass
 class LossConfig:
-    """Loss terms and their weights (METHOD §6.3; Eq. 1, 3, 14, 15). The switches are Table 7."""
+    """Loss terms and their weights (Eq. 1, 3, 14, 15). The switches are Table 7."""
 
     tau: float = 0.95
     """Confidence threshold τ of the FixMatch pseudo labels (Eq. 3)."""

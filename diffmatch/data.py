@@ -1,4 +1,4 @@
-"""The data set layout of METHOD §2: ids, splits, and the labelled, unlabelled and evaluation sets.
+"""The data set layout of README §1: ids, splits, and the labelled, unlabelled and evaluation sets.
 
 ```
 ROOT/A/<id>.png  ROOT/B/<id>.png  ROOT/label/<id>.png  ROOT/list/{train,val,test}.txt

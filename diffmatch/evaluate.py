@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: metrics of METHOD §7 over a whole split, per-image CSV, result pictures.
+"""Evaluate a checkpoint: the metrics of README §4 over a whole split, per-image CSV, result pictures.
 
     python -m diffmatch.evaluate --checkpoint runs/diffmatch/best.pt --data.root LEVIR-CD256
 """

@@ -1,4 +1,4 @@
-"""Cut raw change-detection data into the project's layout of 256x256 tiles (METHOD §2).
+"""Cut raw change-detection data into the project's layout of 256x256 tiles (README §1).
 
 Every subcommand writes ``OUT/{A,B,label}/<id>.png`` (labels 0/255) and ``OUT/list/<name>.txt`` (ids
 with ``.png``, as in the UniMatch/DiffMatch split lists). Tile ids:
@@ -35,7 +35,7 @@ from diffmatch.pairs import KINDS, find_pairs, no_pixel_limit, pair_size, scan_p
 from diffmatch.progress import Progress
 
 TILE = 256
-WHU_SIZES = {"train": 5947, "val": 743, "test": 744}  # published split of 7,434 tiles (METHOD §2)
+WHU_SIZES = {"train": 5947, "val": 743, "test": 744}  # published split of 7,434 tiles
 
 
 @dataclass

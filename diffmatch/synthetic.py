@@ -1,4 +1,4 @@
-"""A procedural change-detection data set in the METHOD.md §2 layout, with simulated VLM outputs (§3).
+"""A procedural change-detection data set in the layout of README §1, with simulated VLM outputs (README §2).
 
 Pairs come from :mod:`diffmatch.scene` (LEVIR-CD-like suburbs, buildings built or demolished, nuisance
 differences and a 1-3 px misregistration). For each date a simulated open-vocabulary segmenter gives

@@ -1,4 +1,4 @@
-"""Reading single-date VLM outputs, the inputs of change event generation (METHOD §3; §3.2.1).
+"""Reading single-date VLM outputs, the inputs of change event generation (README §2; §3.2.1).
 
 Per image and date, ``ROOT/vlm/<date>/`` may hold any mix of:
 
@@ -202,7 +202,7 @@ def _decode_runs(counts: list, height: int, width: int) -> Runs:
 
 
 def probs_from_instances(inst: JSONInstances, num_classes: int, size: tuple[int, int]) -> np.ndarray:
-    """(C, H, W) probabilities: per class, the max score of its instances covering the pixel (METHOD §3)."""
+    """(C, H, W) probabilities: per class, the max score of its instances covering the pixel (README §2)."""
     probs = np.zeros((num_classes, *size), dtype=np.float32)
     for mask, k, score in zip(inst.runs.masks(), inst.classes, inst.scores, strict=True):
         np.maximum(probs[k], mask * score, out=probs[k])

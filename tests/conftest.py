@@ -75,3 +75,22 @@ def tiny_root(tmp_path: Path) -> Path:
     (root / "list" / "val.txt").write_text("\n".join(f"{i}.png" for i in ids[6:8]) + "\n")
     (root / "list" / "test.txt").write_text("\n".join(ids[8:]) + "\n")
     return root
+
+
+def write_training_set(root: Path, splits: dict[str, int]) -> Path:
+    """Pairs of 40x40 with CEG pseudo labels (change, A, B) and ``list/<split>.txt`` with the given number
+    of ids per split, in order."""
+    ids = [f"p{i:02d}" for i in range(sum(splits.values()))]
+    for i, sample_id in enumerate(ids):
+        write_pair(root, sample_id, size=(40, 40), seed=i)
+        for folder, value in (("change", 1), ("A", 0), ("B", 1)):
+            mask = np.full((40, 40), 255, np.uint8)
+            mask[:20, :20], mask[20:, :] = value, 0
+            (root / "pseudo" / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root / "pseudo" / folder / f"{sample_id}.png")
+    (root / "list").mkdir()
+    start = 0
+    for name, count in splits.items():
+        (root / "list" / f"{name}.txt").write_text("\n".join(ids[start:start + count]) + "\n")
+        start += count
+    return root

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_pair
+from conftest import write_pair, write_training_set
 from PIL import Image
 
 from diffmatch import train as train_module
@@ -31,19 +31,7 @@ VAL = ("val/iou", "val/f1", "val/precision", "val/recall", "val/accuracy")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Pairs of 40x40 with CEG pseudo labels: train 6 (2 labelled, so 2 iterations an epoch at batch 2),
     val 5 (the grid shows the first 4), test 2."""
-    root = tmp_path_factory.mktemp("board") / "data"
-    ids = [f"p{i:02d}" for i in range(13)]
-    for i, sample_id in enumerate(ids):
-        write_pair(root, sample_id, size=(40, 40), seed=i)
-        for folder, value in (("change", 1), ("A", 0), ("B", 1)):
-            mask = np.full((40, 40), 255, np.uint8)
-            mask[:20, :20], mask[20:, :] = value, 0
-            (root / "pseudo" / folder).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask).save(root / "pseudo" / folder / f"{sample_id}.png")
-    (root / "list").mkdir()
-    for name, part in (("train", ids[:6]), ("val", ids[6:11]), ("test", ids[11:])):
-        (root / "list" / f"{name}.txt").write_text("\n".join(part) + "\n")
-    return root
+    return write_training_set(tmp_path_factory.mktemp("board") / "data", {"train": 6, "val": 5, "test": 2})
 
 
 def tiny_args(root: Path, out: Path, **overrides: object) -> TrainArgs:

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import write_pair
-from PIL import Image
+from conftest import write_pair, write_training_set
 from torch import nn
 
 from diffmatch import train as train_module
@@ -30,19 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """14 pairs of 40x40 with CEG pseudo labels: train 10 (2 labelled at 20 %), val 2, test 2."""
-    root = tmp_path_factory.mktemp("train") / "data"
-    ids = [f"p{i:02d}" for i in range(14)]
-    for i, sample_id in enumerate(ids):
-        write_pair(root, sample_id, size=(40, 40), seed=i)
-        for folder, value in (("change", 1), ("A", 0), ("B", 1)):
-            mask = np.full((40, 40), 255, np.uint8)
-            mask[:20, :20], mask[20:, :] = value, 0
-            (root / "pseudo" / folder).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask).save(root / "pseudo" / folder / f"{sample_id}.png")
-    (root / "list").mkdir()
-    for name, part in (("train", ids[:10]), ("val", ids[10:12]), ("test", ids[12:])):
-        (root / "list" / f"{name}.txt").write_text("\n".join(part) + "\n")
-    return root
+    return write_training_set(tmp_path_factory.mktemp("train") / "data", {"train": 10, "val": 2, "test": 2})
 
 
 def tiny_args(root: Path, out: Path, **overrides: object) -> TrainArgs:
