@@ -27,8 +27,9 @@ class DataConfig:
     root: Path
     """Data set root: ``A/``, ``B/``, ``label/``, optional ``list/``, ``vlm/`` and ``pseudo/``."""
     split_dir: Path | None = None
-    """UniMatch/DiffMatch split folder (``<dir>/5%/labeled.txt`` ...). None: draw the labelled ids
-    from the training ids with ``label_ratio`` and the seed."""
+    """UniMatch/DiffMatch split folder (``<dir>/5%/labeled.txt`` ...), or ``levir`` / ``whu`` for the
+    public lists shipped with the package (a folder of that name, if one exists, comes first). None:
+    draw the labelled ids from the training ids with ``label_ratio`` and the seed."""
     unlabeled_root: Path | None = None
     """Unlabelled pairs (with their pseudo labels) from another data set root, for the cross-data-set
     setting of Table 4. None: the unlabelled ids of ``root``."""

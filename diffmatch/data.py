@@ -41,6 +41,18 @@ def list_ids(root: Path, split: str) -> list[str]:
     return ids
 
 
+PUBLIC_SPLITS = Path(__file__).resolve().parent / "splits"
+"""The public LEVIR-CD and WHU-CD split lists shipped with the package (``levir/``, ``whu/``)."""
+
+
+def split_folder(split_dir: Path) -> Path:
+    """The folder ``--data.split-dir`` names: a folder that exists, else for ``levir`` or ``whu`` the
+    public split lists shipped with the package (README section 1)."""
+    if not split_dir.exists() and str(split_dir) in ("levir", "whu"):
+        return PUBLIC_SPLITS / str(split_dir)
+    return split_dir
+
+
 def percent_name(label_ratio: float) -> str:
     """The split-folder name of a label ratio: 0.05 -> ``5%``."""
     return f"{label_ratio * 100:g}%"
@@ -59,9 +71,10 @@ def semi_split(data: DataConfig, label_ratio: float, seed: int) -> SemiSplit:
     if not 0 < label_ratio <= 1:
         raise InputError(f"--label-ratio {label_ratio}: must be in (0, 1], e.g. 0.05 for 5 %")
     if data.split_dir is not None:
-        folder = data.split_dir / percent_name(label_ratio)
+        split_dir = split_folder(data.split_dir)
+        folder = split_dir / percent_name(label_ratio)
         if not folder.is_dir():
-            have = sorted(p.name for p in data.split_dir.glob("*%")) if data.split_dir.is_dir() else []
+            have = sorted(p.name for p in split_dir.glob("*%")) if split_dir.is_dir() else []
             raise InputError(f"{folder}: split folder not found (have: {', '.join(have) or 'none'}); "
                              "check --data.split-dir and --label-ratio")
         labeled = read_id_list(folder / "labeled.txt")
@@ -277,8 +290,8 @@ def repeat_to(ids: list[str], length: int) -> list[str]:
 
 def eval_ids(data: DataConfig, split: str) -> list[str]:
     """The ids of evaluation split ``split``, from the split folder's list when it has one."""
-    if data.split_dir is not None and (data.split_dir / f"{split}.txt").exists():
-        return read_id_list(data.split_dir / f"{split}.txt")
+    if data.split_dir is not None and (split_folder(data.split_dir) / f"{split}.txt").exists():
+        return read_id_list(split_folder(data.split_dir) / f"{split}.txt")
     return list_ids(data.root, split)
 
 

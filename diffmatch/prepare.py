@@ -71,8 +71,9 @@ class WhuArgs:
     label: Path | None = None
     """Change label image."""
     split_dir: Path | None = None
-    """Folder with ``train.txt``, ``val.txt``, ``test.txt`` to copy to ``list/``. None: a seeded split
-    of the published sizes (scaled to the number of tiles)."""
+    """Folder with ``train.txt``, ``val.txt``, ``test.txt`` to copy to ``list/``, or ``whu`` for the
+    published lists shipped with the package. None: a seeded split of the published sizes (scaled to
+    the number of tiles)."""
     seed: int = 0
     """Seed of the split drawn without ``--split-dir``."""
     label_threshold: int | None = None
@@ -203,7 +204,9 @@ def prepare_whu(args: WhuArgs) -> dict[str, list[str]]:
     peak memory is about 3x one decoded image (~4.5 GB for the published 1.5 GB RGB images).
     """
     sources = find_whu(args)
-    given = read_split(args.split_dir) if args.split_dir is not None else None
+    from diffmatch.data import split_folder  # here: the other subcommands start without torch
+
+    given = read_split(split_folder(args.split_dir)) if args.split_dir is not None else None
     with no_pixel_limit():
         height, width = pair_size(sources)
         rows, cols = height // TILE, width // TILE

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image, TiffImagePlugin, TiffTags
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = Path(__file__).resolve().parent / "data"
+"""The test data of the repository (tests/data/README.md)."""
 
 
 def write_pair(root: Path, sample_id: str, size: tuple[int, int] = (32, 32), label: np.ndarray | None = None,
                seed: int = 0) -> None:
-    """A random RGB pair and a 0/255 label in the METHOD §2 layout."""
+    """A random RGB pair and a 0/255 label in the data set layout of README section 1."""
     rng = np.random.default_rng(seed)
     h, w = size
     for folder in ("A", "B"):

@@ -1,4 +1,4 @@
-"""Change event generation (§3.2, Eq. 4–11): hand-computed cases, the shared test vectors, the CLI."""
+"""Change event generation (§3.2, Eq. 4–11): hand-computed cases, the test vectors of tests/data, the CLI."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA
 from PIL import Image
 
 from diffmatch.ceg import (
@@ -31,8 +32,8 @@ from diffmatch.metrics import confusion
 from diffmatch.rle import Runs, encode_mask, runs_of_masks
 from diffmatch.vlm import VLMOutput, concepts
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-VECTORS = SHARED / "data" / "ceg-vectors"
+VECTORS = DATA / "ceg-vectors"
+VECTOR_IDS = ["vec_000", "vec_004", "vec_005", "vec_006", "vec_011"]
 CFG = CEGConfig(classes=("house", "road"), foreground=("house",), background=("road",))
 
 
@@ -180,7 +181,7 @@ def test_level_confusions_are_those_of_each_level() -> None:
             assert total[level] == confusion(pred, label) and valid[level] == confusion(pred, label, both)
 
 
-# --- The shared vectors through the CLI -------------------------------------------------------------
+# --- The test vectors through the CLI ---------------------------------------------------------------
 
 
 @pytest.fixture
@@ -205,7 +206,7 @@ def read(path: Path) -> np.ndarray:
 def test_cli_reproduces_the_vectors(vectors: Path, args: dict, outputs: dict[str, str]) -> None:
     main(Args(root=vectors, out_name="out", **args))
     ids = sorted(p.stem for p in (VECTORS / "expected" / "mixed").glob("*.png"))
-    assert len(ids) == 14
+    assert ids == VECTOR_IDS
     for expected, written in outputs.items():
         for image_id in ids:
             want, got = read(VECTORS / "expected" / expected / f"{image_id}.png"), read(
@@ -216,10 +217,10 @@ def test_cli_reproduces_the_vectors(vectors: Path, args: dict, outputs: dict[str
 def test_metrics_table(vectors: Path) -> None:
     table = main(Args(root=vectors, out_name="out"))
     assert table == json.loads((vectors / "out" / "metrics.json").read_text())
-    assert table["pairs"] == 14 and set(table["rows"]) == {"pixel", "instance", "mixed"}
-    label = np.stack([read(vectors / "label" / f"vec_{i:03d}.png") > 0 for i in range(14)])
-    instance = np.stack([read(VECTORS / "expected" / "instance" / f"vec_{i:03d}.png") for i in range(14)])
-    mixed = np.stack([read(VECTORS / "expected" / "mixed" / f"vec_{i:03d}.png") for i in range(14)])
+    assert table["pairs"] == 5 and set(table["rows"]) == {"pixel", "instance", "mixed"}
+    label = np.stack([read(vectors / "label" / f"{i}.png") > 0 for i in VECTOR_IDS])
+    instance = np.stack([read(VECTORS / "expected" / "instance" / f"{i}.png") for i in VECTOR_IDS])
+    mixed = np.stack([read(VECTORS / "expected" / "mixed" / f"{i}.png") for i in VECTOR_IDS])
     tp = int((label & (instance == 1)).sum())
     union = int((label | (instance == 1)).sum())
     assert table["rows"]["instance"]["total"]["iou"] == pytest.approx(100 * tp / union)
@@ -237,12 +238,12 @@ def test_resume_and_overwrite(vectors: Path) -> None:
     change = vectors / "out" / "change" / "vec_000.png"
     marker = np.full((96, 96), 7, np.uint8)
     Image.fromarray(marker).save(change)
-    (vectors / "out" / "A" / "vec_001.png").unlink()  # an id counts as written only when complete
+    (vectors / "out" / "A" / "vec_004.png").unlink()  # an id counts as written only when complete
     shutil.rmtree(vectors / "label")
     main(Args(root=vectors, out_name="out"))
     assert np.array_equal(read(change), marker)  # skipped
-    assert np.array_equal(read(vectors / "out" / "A" / "vec_001.png"),
-                          read(VECTORS / "expected" / "seg_A" / "vec_001.png"))
+    assert np.array_equal(read(vectors / "out" / "A" / "vec_004.png"),
+                          read(VECTORS / "expected" / "seg_A" / "vec_004.png"))
     main(Args(root=vectors, out_name="out", overwrite=True))
     assert np.array_equal(read(change), read(VECTORS / "expected" / "mixed" / "vec_000.png"))
     assert not list((vectors / "out").rglob("*.tmp"))
@@ -266,24 +267,24 @@ def test_worker_processes_of_the_command(vectors: Path) -> None:
 
 
 def test_missing_date_is_an_error(vectors: Path) -> None:
-    for path in (vectors / "vlm" / "B").glob("vec_003.*"):
+    for path in (vectors / "vlm" / "B").glob("vec_005.*"):
         path.unlink()
-    with pytest.raises(InputError, match=r"vlm/B/vec_003.npy\|.json\|.png: no VLM output on this date"):
+    with pytest.raises(InputError, match=r"vlm/B/vec_005.npy\|.json\|.png: no VLM output on this date"):
         main(Args(root=vectors))
 
 
 def test_sizes_must_agree(vectors: Path) -> None:
-    np.save(vectors / "vlm" / "B" / "vec_002.npy", np.zeros((6, 96, 95), np.float32))
-    with pytest.raises(InputError, match=r"vlm/B/vec_002.npy: size 96x95 differs from the expected 96x96"):
+    np.save(vectors / "vlm" / "B" / "vec_006.npy", np.zeros((6, 96, 95), np.float32))
+    with pytest.raises(InputError, match=r"vlm/B/vec_006.npy: size 96x95 differs from the expected 96x96"):
         main(Args(root=vectors))
 
 
 def test_split_selects_ids(vectors: Path) -> None:
     (vectors / "list").mkdir()
-    (vectors / "list" / "test.txt").write_text("vec_001.png\nvec_004\n")
+    (vectors / "list" / "test.txt").write_text("vec_011.png\nvec_004\n")
     table = main(Args(root=vectors, split="test"))
     assert table is not None and table["pairs"] == 2
-    assert sorted(p.name for p in (vectors / "pseudo" / "change").iterdir()) == ["vec_001.png", "vec_004.png"]
+    assert sorted(p.name for p in (vectors / "pseudo" / "change").iterdir()) == ["vec_004.png", "vec_011.png"]
 
 
 def test_json_only_inputs(tmp_path: Path) -> None:

@@ -6,33 +6,54 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, write_pair
+from conftest import DATA, write_pair
 from PIL import Image
 
 from diffmatch.config import AugmentConfig, DataConfig
 from diffmatch.data import (
+    PUBLIC_SPLITS,
     EvalSet,
     LabeledSet,
     UnlabeledSet,
+    eval_ids,
     eval_set,
     list_ids,
     percent_name,
-    read_id_list,
     repeat_to,
     semi_split,
+    split_folder,
 )
 from diffmatch.files import InputError, read_label, read_rgb
 
-LEVIR = SHARED / "data" / "levir-samples"
-SPLITS = SHARED / "splits"
+LEVIR = DATA / "levir-samples"
 
 
 def test_official_levir_split_at_5_percent() -> None:
-    split = semi_split(DataConfig(root=LEVIR, split_dir=SPLITS / "levir"), 0.05, seed=0)
+    split = semi_split(DataConfig(root=LEVIR, split_dir=Path("levir")), 0.05, seed=0)
     assert len(split.labeled) == 356 and len(split.unlabeled) == 6764
     assert not set(split.labeled) & set(split.unlabeled)
     assert all(not i.endswith(".png") for i in split.labeled)
-    assert len(read_id_list(SPLITS / "whu" / "train.txt")) == 5947
+    assert split == semi_split(DataConfig(root=LEVIR, split_dir=PUBLIC_SPLITS / "levir"), 0.05, seed=0)
+
+
+@pytest.mark.parametrize(("name", "train", "val", "test", "labeled_40"),
+                         [("levir", 7120, 1024, 2048, 2848), ("whu", 5947, 743, 744, 2378)])
+def test_public_split_lists_ship_with_the_package(name: str, train: int, val: int, test: int,
+                                                  labeled_40: int) -> None:
+    data = DataConfig(root=LEVIR, split_dir=Path(name))
+    assert [len(eval_ids(data, s)) for s in ("train", "val", "test")] == [train, val, test]
+    split = semi_split(data, 0.4, seed=0)
+    assert len(split.labeled) == labeled_40 and len(split.labeled) + len(split.unlabeled) == train
+
+
+def test_a_folder_named_like_a_public_split_comes_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "levir" / "5%").mkdir(parents=True)
+    (tmp_path / "levir" / "5%" / "labeled.txt").write_text("mine.png\n")
+    monkeypatch.chdir(tmp_path)
+    assert split_folder(Path("levir")) == Path("levir")
+    assert semi_split(DataConfig(root=LEVIR, split_dir=Path("levir")), 0.05, 0) == (["mine"], [])
+    assert split_folder(Path("whu")) == PUBLIC_SPLITS / "whu"
+    assert split_folder(Path("other")) == Path("other")
 
 
 def test_percent_names() -> None:
@@ -58,7 +79,7 @@ def test_bad_ratio(tiny_root: Path, ratio: float) -> None:
 
 def test_split_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="split folder not found.*5%"):
-        semi_split(DataConfig(root=LEVIR, split_dir=SPLITS / "levir"), 0.07, 0)
+        semi_split(DataConfig(root=LEVIR, split_dir=Path("levir")), 0.07, 0)
     (tmp_path / "5%").mkdir()
     (tmp_path / "5%" / "labeled.txt").write_text("\n\n")
     with pytest.raises(InputError, match="labeled.txt: the list is empty"):
@@ -75,9 +96,9 @@ def test_cross_dataset_unlabeled_root(tiny_root: Path, tmp_path: Path) -> None:
 
 def test_real_levir_samples_load() -> None:
     ids = list_ids(LEVIR, "test")  # no list/ folder: every image in A/
-    assert len(ids) == 12
+    assert ids == ["test_113_0256", "test_2_0000_0000", "train_386_0512_0768", "val_27_0000_0256"]
     labeled = [i for i in ids if (LEVIR / "label" / f"{i}.png").exists()]
-    assert len(labeled) == 11
+    assert len(labeled) == 3
     samples = EvalSet(LEVIR, labeled)
     for sample in samples:
         assert sample.a.shape == (3, 256, 256) and sample.label.shape == (256, 256)

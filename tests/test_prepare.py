@@ -7,14 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA
 from PIL import Image
 
 from diffmatch import prepare
+from diffmatch.data import PUBLIC_SPLITS
 from diffmatch.files import InputError
 from diffmatch.prepare import FolderArgs, LevirArgs, WhuArgs, main, split_sizes
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SAMPLES = SHARED / "data" / "levir-samples"
+SAMPLES = DATA / "levir-samples"
 SCENES = {"train": ["train_100", "train_2"], "val": ["val_10"], "test": ["test_100"]}
 
 
@@ -85,8 +86,8 @@ def test_levir_tiles_names_content(levir) -> None:
 def test_levir_official_split_ids_exist(levir) -> None:
     tmp, _, _ = levir
     out = tmp / "LEVIR-CD256"
-    lists = [SHARED / "splits" / "levir" / f"{s}.txt" for s in ("train", "val", "test")]
-    lists += [SHARED / "splits" / "levir" / "5%" / f"{s}.txt" for s in ("labeled", "unlabeled")]
+    lists = [PUBLIC_SPLITS / "levir" / f"{s}.txt" for s in ("train", "val", "test")]
+    lists += [PUBLIC_SPLITS / "levir" / "5%" / f"{s}.txt" for s in ("labeled", "unlabeled")]
     present = {scene for names in SCENES.values() for scene in names}
     checked = 0
     for path in lists:
@@ -198,14 +199,14 @@ def test_folder_levir_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         main(FolderArgs(src=SAMPLES, out=tmp_path / "out"))
     lists = main(FolderArgs(src=SAMPLES, out=tmp_path / "out", mismatch="skip", list_name="test"))
     printed = capsys.readouterr().out
-    assert "skipped: image sizes differ" in printed and "folder: 12/12 pairs" in printed and "ETA" in printed
+    assert "skipped: image sizes differ" in printed and "folder: 4/4 pairs" in printed and "ETA" in printed
     stems = sorted(p.stem for p in (SAMPLES / "label").iterdir())
     assert sorted(lists["test"]) == sorted(f"{s}_0_0" for s in stems) and lists["unlabeled"] == []
     for stem in stems:
         for kind in ("A", "B", "label"):
             tile = read(tmp_path / "out" / kind / f"{stem}_0_0.png")
             assert np.array_equal(tile, read(SAMPLES / kind / f"{stem}.png"))
-    assert len((tmp_path / "out" / "list" / "test.txt").read_text().splitlines()) == 11
+    assert len((tmp_path / "out" / "list" / "test.txt").read_text().splitlines()) == 3
     assert not (tmp_path / "out" / "list" / "unlabeled.txt").exists()
 
 
