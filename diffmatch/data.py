@@ -47,7 +47,7 @@ PUBLIC_SPLITS = Path(__file__).resolve().parent / "splits"
 
 def split_folder(split_dir: Path) -> Path:
     """The folder ``--data.split-dir`` names: a folder that exists, else for ``levir`` or ``whu`` the
-    public split lists shipped with the package (README section 1)."""
+    public split lists shipped with the package (README §1)."""
     if not split_dir.exists() and str(split_dir) in ("levir", "whu"):
         return PUBLIC_SPLITS / str(split_dir)
     return split_dir

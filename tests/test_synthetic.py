@@ -1,4 +1,5 @@
-"""The synthetic data set: METHOD §2 layout, §3 VLM files, determinism, resumability, plausibility."""
+"""The synthetic data set: the layout of README §1, the VLM files of README §2, determinism, resumability,
+plausibility."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""VLM output readers (METHOD §3): the three file kinds, the fallbacks and every malformed input."""
+"""VLM output readers (README §2, "VLM file formats"): the three file kinds, the fallbacks and every
+malformed input."""
 
 from __future__ import annotations
 
