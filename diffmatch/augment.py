@@ -15,9 +15,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
-from diffmatch.config import AugmentConfig
+from diffmatch.config import IGNORE, AugmentConfig
 
-IGNORE = 255
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 

@@ -35,10 +35,9 @@ from diffmatch import ceg, ceg_cli, comparison, synthetic, vlm
 from diffmatch.comparison import Regime
 from diffmatch.config import AugmentConfig, Backbone, CEGConfig, LossConfig, Method, ModelConfig, OptimConfig, to_dict
 from diffmatch.data import LabeledSet, UnlabeledSet, repeat_to
-from diffmatch.evaluate import pick_device
+from diffmatch.evaluate import change_logits
 from diffmatch.files import InputError, run_cli, write_json
-from diffmatch.inference import change_logits
-from diffmatch.model import build_model, param_groups
+from diffmatch.model import autocast, build_model, build_optimizer, pick_device, use_bf16
 from diffmatch.step import compute_losses, to_device
 
 Part = Literal["ceg", "data", "train", "inference", "methods"]
@@ -101,7 +100,7 @@ def durations(call: Callable[[], object], *, warmup: int, iters: int, device: to
     times = []
     for _ in range(warmup + iters):
         start = tick(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             call()
         times.append(tick(device) - start)
     return times[warmup:]
@@ -190,8 +189,7 @@ def bench_train(root: Path, ids: list[str], *, method: Method, model_cfg: ModelC
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device).train()
     opt, loss_cfg = OptimConfig(), LossConfig()
-    optimizer = torch.optim.SGD(param_groups(model, lr=opt.lr, decoder_lr_mult=opt.decoder_lr_mult,
-                                             weight_decay=opt.weight_decay), lr=opt.lr, momentum=opt.momentum)
+    optimizer = build_optimizer(model, opt)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times: list[tuple[float, ...]] = []  # seconds of data, forward, backward, step per iteration
@@ -199,7 +197,7 @@ def bench_train(root: Path, ids: list[str], *, method: Method, model_cfg: ModelC
         t0 = tick(device)
         x, u, u2 = (to_device(next(it), device) for it in (x_it, *u_its))
         t1 = tick(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             result = compute_losses(model, method, x, u, u2, loss_cfg, loss_cfg.lambda_vl)
         t2 = tick(device)
         optimizer.zero_grad(set_to_none=True)
@@ -291,7 +289,7 @@ def main(args: Args) -> dict:
     """Run the chosen benchmarks, print the table, write the JSON report and return it."""
     check_args(args)
     device = pick_device(args.device)
-    amp = args.amp and device.type == "cuda"
+    amp = use_bf16(args.amp, device)
     model_cfg = ModelConfig(backbone=args.backbone)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     machine = {"device": str(device), "name": name, "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from diffmatch.data import EvalSample, EvalSet
-from diffmatch.evaluate import visualise
+from diffmatch.evaluate import change_logits, model_device, visualise
 from diffmatch.files import InputError
-from diffmatch.inference import change_logits, model_device
+from diffmatch.model import autocast
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -42,7 +42,7 @@ def change_grid(model: nn.Module, samples: Sequence[EvalSample], *, tile: int, a
     with torch.no_grad():
         for sample in samples:
             a, b = sample.a[None].to(device), sample.b[None].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            with autocast(device, amp):
                 pred = change_logits(model, a, b, tile=tile, overlap=tile // 4).argmax(1)[0]
             rows.append(visualise(sample.a, sample.b, sample.label, pred))
     model.train(was_training)

@@ -33,9 +33,8 @@ from PIL import Image
 
 from diffmatch.ceg import IGNORE, CEGResult, generate
 from diffmatch.config import CEGConfig
-from diffmatch.files import IMAGE_EXTS, InputError, read_id_list, read_label, write_json, write_png
+from diffmatch.files import IMAGE_EXTS, InputError, Progress, read_id_list, read_label, write_json, write_png
 from diffmatch.metrics import Confusion, scores
-from diffmatch.progress import Progress
 from diffmatch.vlm import InstanceSource, concepts, list_ids, read_vlm
 
 LEVELS = ("pixel", "instance", "mixed")

@@ -20,8 +20,7 @@ from PIL import Image
 
 from diffmatch.config import DataConfig
 from diffmatch.data import LABEL_FLAG, eval_ids, image_path, pseudo_hint
-from diffmatch.files import InputError, read_label
-from diffmatch.progress import Progress
+from diffmatch.files import InputError, Progress, read_label
 
 SHOWN = 5
 """Problems printed one per line; the rest are counted."""

@@ -19,6 +19,10 @@ Distance = Literal["pixel", "authors"]
 CEGMode = Literal["pixel", "instance", "mixed"]
 T = TypeVar("T")
 
+IGNORE = 255
+"""Value of a pixel no loss and no metric sees, in every mask diffmatch reads or writes: padding, CEG
+pixels that are unreliable (Eq. 6), labels' ignore regions."""
+
 
 @dataclass
 class DataConfig:

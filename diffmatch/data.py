@@ -18,10 +18,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from diffmatch import augment
-from diffmatch.config import AugmentConfig, DataConfig
-from diffmatch.files import IMAGE_EXTS, InputError, read_id_list, read_label, read_mask, read_rgb
+from diffmatch.config import IGNORE, AugmentConfig, DataConfig
+from diffmatch.files import IMAGE_EXTS, InputError, images_in, read_id_list, read_label, read_mask, read_rgb
 
-IGNORE = augment.IGNORE
 LABEL_FLAG = "--data.label-threshold"
 """The option named when a label has values other than 0/255 or 0/1."""
 
@@ -35,7 +34,7 @@ def list_ids(root: Path, split: str) -> list[str]:
     if (root / "list").is_dir():
         return read_id_list(root / "list" / f"{split}.txt")
     folder = root / "A"
-    ids = sorted(p.stem for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+    ids = sorted(images_in(folder))
     if not ids:
         raise InputError(f"{folder}: no images found; a data set root holds A/, B/ and label/")
     return ids

@@ -1,30 +1,131 @@
-"""Evaluate a checkpoint: the metrics of README §4 over a whole split, per-image CSV, result pictures.
+"""Evaluation: change logits of pairs of any size by sliding windows, the metrics of README §4 over a
+whole split (Eq. 16–17), per-image CSV, result pictures, and the command.
 
     python -m diffmatch.evaluate --checkpoint runs/diffmatch/best.pt --data.root LEVIR-CD256
+
+Pairs larger than the window are predicted with overlapping windows whose logits are averaged. The
+images stay where the caller keeps them (on the CPU for a large scene); only batches of windows go to
+the model's device, and the result is accumulated beside the images in float32. Images may be given as
+uint8 (0..255), then each window is normalised on the device as ``augment.image_to_tensor`` does, so a
+scene costs 3 bytes a pixel per date instead of 12.
 """
 
 from __future__ import annotations
 
 import csv
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from diffmatch import augment
+from diffmatch.augment import MEAN, STD
 from diffmatch.config import DataConfig
 from diffmatch.data import EvalSet, eval_set
-from diffmatch.files import InputError, atomic_path, write_json, write_png
-from diffmatch.inference import change_logits
-from diffmatch.metrics import Confusion, confusion, scores
-from diffmatch.progress import Progress
+from diffmatch.files import InputError, Progress, atomic_path, write_json, write_png
+from diffmatch.metrics import Confusion, confusion, format_scores, scores
+from diffmatch.model import autocast, model_from_checkpoint, pick_device
+
+# ----------------------------------------------------------------------------- sliding windows
+
+Reduce = Callable[[Tensor], Tensor]
 
 
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` that cover ``length`` with step ``stride``; the last
+    tile ends at the border. One tile at 0 when ``length <= tile``."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return [*starts, length - tile]
+
+
+def window_grid(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Top-left corners (y, x) of the windows covering a ``height`` x ``width`` image, row-major."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap {overlap} must be in [0, tile={tile})")
+    th, tw, stride = min(tile, height), min(tile, width), tile - overlap
+    return [(y, x) for y in tile_starts(height, th, stride) for x in tile_starts(width, tw, stride)]
+
+
+def normalise(x: Tensor) -> Tensor:
+    """Float input unchanged; uint8 (N, 3, H, W) scaled to [0, 1] and normalised with the ImageNet
+    mean and std (the same operations as ``augment.image_to_tensor``)."""
+    if x.is_floating_point():
+        return x
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return x.float().div(255).sub(mean).div(std)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@torch.no_grad()
+def slide(model: nn.Module, a: Tensor, b: Tensor, *, reduce: Reduce, channels: int, tile: int, overlap: int,
+          batch_size: int, on_batch: Callable[[int], None] | None = None) -> Tensor:
+    """(N, channels, H, W) float32 on ``a``'s device: ``reduce`` of the change logits of ``w_cr``,
+    averaged over the overlapping windows (``reduce`` maps (B, 2, h, w) logits to (B, channels, h, w)).
+
+    ``a`` and ``b`` are (N, 3, H, W), normalised float or uint8; windows of ``tile`` x ``tile`` with
+    ``overlap`` pixels in common run ``batch_size`` at a time on the model's device, so memory in the
+    model depends on the window batch, not the image. ``on_batch`` is told how many windows just ran.
+    """
+    n, _, height, width = a.shape
+    if b.shape != a.shape:
+        raise ValueError(f"pre-event shape {tuple(a.shape)} differs from post-event {tuple(b.shape)}")
+    device, windows = model_device(model), window_grid(height, width, tile, overlap)
+    th, tw = min(tile, height), min(tile, width)
+    out = torch.zeros((n, channels, height, width), dtype=torch.float32, device=a.device)
+    # Windows form a grid, so the number covering (y, x) is rows(y) * cols(x): two vectors, no count map.
+    rows = torch.zeros(height, dtype=torch.float32, device=a.device)
+    cols = torch.zeros(width, dtype=torch.float32, device=a.device)
+    for y in sorted({y for y, _ in windows}):
+        rows[y : y + th] += 1
+    for x in sorted({x for _, x in windows}):
+        cols[x : x + tw] += 1
+    items = [(i, y, x) for i in range(n) for y, x in windows]  # small pairs batch across images
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        crops_a = torch.stack([a[i, :, y : y + th, x : x + tw] for i, y, x in chunk]).to(device)
+        crops_b = torch.stack([b[i, :, y : y + th, x : x + tw] for i, y, x in chunk]).to(device)
+        logits = model(normalise(crops_a), normalise(crops_b), change_only=True).change
+        values = reduce(logits.float()).to(a.device)
+        for (i, y, x), window in zip(chunk, values, strict=True):
+            out[i, :, y : y + th, x : x + tw] += window
+        if on_batch is not None:
+            on_batch(len(chunk))
+    out /= rows.view(height, 1)
+    out /= cols.view(1, width)
+    return out
+
+
+def change_logits(model: nn.Module, a: Tensor, b: Tensor, *, tile: int = 256, overlap: int = 64,
+                  batch_size: int = 8) -> Tensor:
+    """(N, 2, H, W) change logits of ``w_cr`` on ``a``'s device for (N, 3, H, W) pairs (normalised
+    float, or uint8), averaged over windows of ``tile`` with ``overlap`` (one window when it fits)."""
+    return slide(model, a, b, reduce=lambda logits: logits, channels=2, tile=tile, overlap=overlap,
+                 batch_size=batch_size)
+
+
+def change_margin(model: nn.Module, a: Tensor, b: Tensor, *, tile: int = 256, overlap: int = 64,
+                  batch_size: int = 8, on_batch: Callable[[int], None] | None = None) -> Tensor:
+    """(N, H, W) float32 on ``a``'s device: change logit minus no-change logit, averaged over the
+    windows. Half the memory of ``change_logits``; ``sigmoid`` of it is the change probability (the
+    softmax of two classes) and ``> 0`` is the argmax."""
+    return slide(model, a, b, reduce=lambda logits: logits[:, 1:] - logits[:, :1], channels=1, tile=tile,
+                 overlap=overlap, batch_size=batch_size, on_batch=on_batch)[:, 0]
+
+
+# ----------------------------------------------------------------------------- a split
 class Evaluation(NamedTuple):
     """Scores of the pooled confusion matrix, and the counts of each image."""
 
@@ -63,7 +164,7 @@ def evaluate_model(model: nn.Module, dataset: EvalSet, *, device: torch.device, 
     try:
         for batch in loader:
             a, b = batch.a.to(device), batch.b.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            with autocast(device, amp):
                 pred = change_logits(model, a, b, tile=tile, overlap=overlap, batch_size=batch_size).argmax(1)
             for i, sample_id in enumerate(batch.id):
                 counts = confusion(pred[i].cpu(), batch.label[i])
@@ -88,12 +189,6 @@ def write_per_image_csv(path: Path, per_image: dict[str, Confusion]) -> None:
             s = scores(counts)
             row = [sample_id, counts.tp, counts.fp, counts.fn, counts.tn, f"{s['iou']:.3f}", f"{s['f1']:.3f}"]
             writer.writerow(row)
-
-
-def format_scores(name: str, s: dict[str, float]) -> str:
-    """One console line of the main metrics."""
-    return (f"{name}: IoU^c {s['iou']:.2f}  F1^c {s['f1']:.2f}  precision {s['precision']:.2f}  "
-            f"recall {s['recall']:.2f}  OA {s['accuracy']:.2f}")
 
 
 @dataclass
@@ -128,18 +223,7 @@ class Args:
     """Check every pair of the split and its label before loading the model; ``--no-check-data`` skips it."""
 
 
-def pick_device(name: str | None) -> torch.device:
-    """The requested device, or cuda when available."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
 def main(args: Args) -> dict[str, float]:
-    from diffmatch.checkpoint import model_from_checkpoint
     from diffmatch.checks import check_eval_data
 
     device = pick_device(args.device)

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, TiffImagePlugin
 
-from diffmatch.files import atomic_path
-from diffmatch.pairs import no_pixel_limit
+from diffmatch.files import atomic_path, no_pixel_limit
 
 GEO_TAGS = {
     33550: "ModelPixelScale",

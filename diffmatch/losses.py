@@ -1,6 +1,7 @@
 """DiffMatch's loss terms and schedules as pure functions over tensors (§3.1, §3.3–3.6, Eq. 1–3, 14, 15).
 
-Shapes: ``logits`` (N, C, H, W); ``target`` / ``pseudo`` (N, H, W) integer class maps, 255 = ignore;
+Shapes: ``logits`` (N, C, H, W); ``target`` / ``pseudo`` (N, H, W) integer class maps in which
+``ignore_index`` (255 in diffmatch, ``config.IGNORE``) marks pixels no loss sees;
 ``conf`` (N, H, W) pseudo-label confidences; ``valid`` (N, H, W) bool, False on padding; ``distance``
 (N, H, W). Every reduction divides by a count clamped to at least 1, so an empty selection (all pixels
 ignored, none above τ) gives an exact zero that still belongs to the graph, never NaN.
@@ -14,22 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = 255
-"""Label value of pixels that no loss sees (padding, unreliable CEG pixels)."""
 
-
-def _ce_sum(logits: Tensor, target: Tensor) -> Tensor:
-    """Sum of the per-pixel cross-entropy over pixels whose target is not 255."""
-    return F.cross_entropy(logits, target.long(), ignore_index=IGNORE, reduction="sum")
+def _ce_sum(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Sum of the per-pixel cross-entropy over pixels whose target is not ``ignore_index``."""
+    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="sum")
 
 
 def _count(mask: Tensor) -> Tensor:
     return mask.sum().clamp(min=1)
 
 
-def supervised_ce(logits: Tensor, target: Tensor) -> Tensor:
-    """L_s (Eq. 2): cross-entropy averaged over the pixels whose target is not 255."""
-    return _ce_sum(logits, target) / _count(target != IGNORE)
+def supervised_ce(logits: Tensor, target: Tensor, *, ignore_index: int) -> Tensor:
+    """L_s (Eq. 2): cross-entropy averaged over the pixels whose target is not ``ignore_index``."""
+    return _ce_sum(logits, target, ignore_index) / _count(target != ignore_index)
 
 
 def confidence_weight(conf: Tensor, valid: Tensor, tau: float | Tensor) -> Tensor:
@@ -50,9 +48,10 @@ def class_thresholds(conf: Tensor, pseudo: Tensor, valid: Tensor, tau: float, nu
     return (tau * beta / (2 - beta))[pseudo.long().clamp(max=num_classes - 1)]
 
 
-def unsupervised_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float | Tensor) -> Tensor:
+def unsupervised_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float | Tensor, *,
+                    ignore_index: int) -> Tensor:
     """L_u (Eq. 3) as FixMatch/UniMatch compute it: sum(CE * [conf >= τ] * valid) / sum(valid)."""
-    ce = F.cross_entropy(logits, pseudo.long(), ignore_index=IGNORE, reduction="none")
+    ce = F.cross_entropy(logits, pseudo.long(), ignore_index=ignore_index, reduction="none")
     return (ce * confidence_weight(conf, valid, tau)).sum() / _count(valid)
 
 
@@ -68,8 +67,8 @@ def contrastive_balanced(distance: Tensor, target: Tensor, margin: float = 2.0) 
     """Batch-balanced contrastive loss (Eq. 14) on labelled pairs.
 
     Unchanged pixels (target 0) give d², changed ones (target 1) max(0, ε - d)²; each class is averaged
-    over its own pixels in the batch and the two means are summed. 255 is ignored; a class with no
-    pixel contributes 0.
+    over its own pixels in the batch and the two means are summed. Any other value (the ignore index) is
+    left out; a class with no pixel contributes 0.
     """
     pull, push = _contrastive_terms(distance, margin)
     unchanged, changed = target == 0, target == 1
@@ -80,21 +79,23 @@ def contrastive_weighted(
     distance: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float | Tensor, margin: float = 2.0
 ) -> Tensor:
     """Contrastive loss (Eq. 14) on the strong view: the per-pixel term for the pseudo label, weighted
-    like ``unsupervised_ce``: sum(l * [conf >= τ] * valid) / sum(valid). Pixels labelled 255 give 0."""
+    like ``unsupervised_ce``: sum(l * [conf >= τ] * valid) / sum(valid). Pixels labelled other than 0
+    or 1 (the ignore index) give 0."""
     pull, push = _contrastive_terms(distance, margin)
     per_pixel = pull * (pseudo == 0) + push * (pseudo == 1)
     return (per_pixel * confidence_weight(conf, valid, tau)).sum() / _count(valid)
 
 
-def ceg_ce_mean(logits: Tensor, target: Tensor) -> Tensor:
-    """CEG guidance term on labelled pairs (§3.3, §3.5): plain mean over pixels whose label is not 255."""
-    return supervised_ce(logits, target)
+def ceg_ce_mean(logits: Tensor, target: Tensor, *, ignore_index: int) -> Tensor:
+    """CEG guidance term on labelled pairs (§3.3, §3.5): plain mean over pixels whose label is not
+    ``ignore_index``."""
+    return supervised_ce(logits, target, ignore_index=ignore_index)
 
 
-def ceg_ce_sum_over_all(logits: Tensor, target: Tensor) -> Tensor:
-    """CEG guidance term on unlabelled pairs: cross-entropy summed over pixels whose label is not 255,
-    divided by ALL pixels (the reduction behind the authors' numbers)."""
-    return _ce_sum(logits, target) / max(target.numel(), 1)
+def ceg_ce_sum_over_all(logits: Tensor, target: Tensor, *, ignore_index: int) -> Tensor:
+    """CEG guidance term on unlabelled pairs: cross-entropy summed over pixels whose label is not
+    ``ignore_index``, divided by ALL pixels (the reduction behind the authors' numbers)."""
+    return _ce_sum(logits, target, ignore_index) / max(target.numel(), 1)
 
 
 def lambda_vl_at(iteration: int, total_iters: int, start: float = 0.1) -> float:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from diffmatch.config import IGNORE
+
 if TYPE_CHECKING:  # numpy only at run time, so CEG's worker processes start without torch
     import torch
 
@@ -27,9 +29,9 @@ class Confusion:
 def confusion(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor,
               valid: np.ndarray | torch.Tensor | None = None) -> Confusion:
     """Counts of binary ``pred`` against binary ``target``; pixels outside ``valid`` (or where
-    ``target`` is 255) are left out."""
+    ``target`` is ``IGNORE``) are left out."""
     pred_a, target_a = _numpy(pred).astype(bool), _numpy(target)
-    keep = target_a != 255
+    keep = target_a != IGNORE
     if valid is not None:
         keep &= _numpy(valid).astype(bool)
     truth = (target_a == 1) & keep
@@ -60,3 +62,9 @@ def scores(c: Confusion) -> dict[str, float]:
         "accuracy": 100 * _ratio(c.tp + c.tn, c.tp + c.fp + c.fn + c.tn),
         **{k: float(v) for k, v in asdict(c).items()},
     }
+
+
+def format_scores(name: str, s: dict[str, float]) -> str:
+    """One console line of the main metrics."""
+    return (f"{name}: IoU^c {s['iou']:.2f}  F1^c {s['f1']:.2f}  precision {s['precision']:.2f}  "
+            f"recall {s['recall']:.2f}  OA {s['accuracy']:.2f}")

@@ -28,13 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffmatch.checkpoint import model_from_checkpoint
-from diffmatch.evaluate import pick_device
-from diffmatch.files import InputError, read_rgb, write_png
+from diffmatch.evaluate import change_margin, model_device, window_grid
+from diffmatch.files import InputError, Progress, find_pairs, no_pixel_limit, pair_size, read_rgb, write_png
 from diffmatch.geotiff import TIFF_EXTS, GeoTags, geo_tags, write_tiff
-from diffmatch.inference import change_margin, model_device, window_grid
-from diffmatch.pairs import find_pairs, no_pixel_limit, pair_size
-from diffmatch.progress import Progress
+from diffmatch.model import autocast, model_from_checkpoint, pick_device
 
 WINDOW_PROGRESS = 64
 """Pairs of more windows than this also show a progress line over their windows."""
@@ -141,7 +138,7 @@ def predict_margin(model: nn.Module, a: np.ndarray, b: np.ndarray, *, tile: int,
     count = len(window_grid(a.shape[0], a.shape[1], tile, overlap))
     progress = Progress(name, count, "windows") if count > WINDOW_PROGRESS else None
     device = model_device(model)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+    with autocast(device, amp):
         margin = change_margin(model, as_batch(a), as_batch(b), tile=tile, overlap=overlap,
                                batch_size=batch_size, on_batch=progress.step if progress else None)
     return margin[0].numpy()

@@ -29,10 +29,22 @@ from typing import Annotated, Literal
 import numpy as np
 import tyro
 
-from diffmatch.files import IMAGE_EXTS, InputError, atomic_path, read_label, read_rgb, run_cli, write_png
+from diffmatch.files import (
+    IMAGE_EXTS,
+    KINDS,
+    InputError,
+    Progress,
+    find_pairs,
+    no_pixel_limit,
+    pair_size,
+    read_label,
+    read_rgb,
+    run_cli,
+    scan_pairs,
+    write_id_list,
+    write_png,
+)
 from diffmatch.geotiff import geo_tags
-from diffmatch.pairs import KINDS, find_pairs, no_pixel_limit, pair_size, scan_pairs
-from diffmatch.progress import Progress
 
 TILE = 256
 WHU_SIZES = {"train": 5947, "val": 743, "test": 744}  # published split of 7,434 tiles
@@ -146,8 +158,7 @@ def write_tiles(out: Path, sources: dict[str, Path], ids: list[list[str]], tile:
 
 def write_list(out: Path, name: str, ids: list[str]) -> None:
     """Write ``list/<name>.txt``, ids with ``.png``, atomically."""
-    with atomic_path(out / "list" / f"{name}.txt") as tmp:
-        tmp.write_text("".join(f"{i}.png\n" for i in ids))
+    write_id_list(out / "list" / f"{name}.txt", ids, suffix=".png")
 
 
 def prepare_levir(args: LevirArgs) -> dict[str, list[str]]:

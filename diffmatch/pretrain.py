@@ -27,8 +27,7 @@ from diffmatch.augment import MEAN, STD
 from diffmatch.config import Backbone
 from diffmatch.decoders import SegmentationDecoder
 from diffmatch.encoder import SiameseEncoder
-from diffmatch.files import InputError, atomic_path
-from diffmatch.progress import Progress
+from diffmatch.files import InputError, Progress, atomic_path
 
 NUM_COVER = 7
 """Cover classes of ``scene``: HOUSE, BUILDING, ROAD, GRASS, TREE, WATER, SOIL."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from diffmatch import losses
-from diffmatch.config import LossConfig, Method
+from diffmatch.config import IGNORE, LossConfig, Method
 from diffmatch.data import LabeledSample, UnlabeledSample
 from diffmatch.losses import LossTerms
 from diffmatch.model import ModelOutput
@@ -95,14 +95,15 @@ def guidance_term(out: ModelOutput, out_s: ModelOutput, x: LabeledSample, u: Unl
     n, terms = x.label.shape[0], []
     if cfg.vl_guidance:
         strong = cutmix(u.box, u.pseudo, u2.pseudo)
-        terms += [losses.ceg_ce_mean(out.change_vl[:n], x.pseudo),
-                  losses.ceg_ce_sum_over_all(out.change_vl[n:], u.pseudo),
-                  losses.ceg_ce_sum_over_all(out_s.change_vl, strong)]
+        terms += [losses.ceg_ce_mean(out.change_vl[:n], x.pseudo, ignore_index=IGNORE),
+                  losses.ceg_ce_sum_over_all(out.change_vl[n:], u.pseudo, ignore_index=IGNORE),
+                  losses.ceg_ce_sum_over_all(out_s.change_vl, strong, ignore_index=IGNORE)]
     if cfg.seg_guidance:
 
         def seg_terms(seg: Tensor, seg_s: Tensor, xs: Tensor, us: Tensor, u2s: Tensor) -> list[Tensor]:
-            return [losses.ceg_ce_mean(seg[:n], xs), losses.ceg_ce_sum_over_all(seg[n:], us),
-                    losses.ceg_ce_sum_over_all(seg_s, cutmix(u.box, us, u2s))]
+            return [losses.ceg_ce_mean(seg[:n], xs, ignore_index=IGNORE),
+                    losses.ceg_ce_sum_over_all(seg[n:], us, ignore_index=IGNORE),
+                    losses.ceg_ce_sum_over_all(seg_s, cutmix(u.box, us, u2s), ignore_index=IGNORE)]
 
         date_a = seg_terms(out.seg_a, out_s.seg_a, x.seg_a, u.seg_a, u2.seg_a)
         date_b = seg_terms(out.seg_b, out_s.seg_b, x.seg_b, u.seg_b, u2.seg_b)
@@ -132,7 +133,7 @@ def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: Unlabe
     terms and total. With a ``teacher``, it gives the pseudo labels of ``u`` and ``u2`` instead of
     ``model``."""
     if method == "supervised" or u is None or u2 is None:
-        l_s = losses.supervised_ce(model(x.a, x.b, change_only=True).change, x.label)
+        l_s = losses.supervised_ce(model(x.a, x.b, change_only=True).change, x.label, ignore_index=IGNORE)
         zero = losses.zero_like(l_s)
         return StepResult(LossTerms(l_s, zero, zero, zero), l_s, zero.detach())
     conf_mix, label_mix = eval_predictions(teacher or model, u2.a, u2.b)
@@ -144,10 +145,10 @@ def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: Unlabe
         out_s = model(a_s, b_s, change_only=change_only, metric=metric)
     conf_u, label_u = confidence(out.change[n:]) if teacher is None else eval_predictions(teacher, u.a, u.b)
     conf, label = cutmix(u.box, conf_u, conf_mix), cutmix(u.box, label_u, label_mix)
-    valid = cutmix(u.box, u.ignore, u2.ignore) != 255
+    valid = cutmix(u.box, u.ignore, u2.ignore) != IGNORE
     tau = losses.class_thresholds(conf, label, valid, cfg.tau) if cfg.class_thresholds else cfg.tau
-    l_s = losses.supervised_ce(out.change[:n], x.label)
-    l_u = losses.unsupervised_ce(out_s.change, label, conf, valid, tau)
+    l_s = losses.supervised_ce(out.change[:n], x.label, ignore_index=IGNORE)
+    l_u = losses.unsupervised_ce(out_s.change, label, conf, valid, tau, ignore_index=IGNORE)
     l_c = l_vl = losses.zero_like(l_s)
     if method == "diffmatch":
         if cfg.contrastive:

@@ -23,8 +23,7 @@ from scipy import ndimage
 
 from diffmatch import scene
 from diffmatch.config import CEGConfig
-from diffmatch.files import InputError, atomic_path, run_cli, write_png
-from diffmatch.progress import Progress
+from diffmatch.files import InputError, Progress, atomic_path, run_cli, write_id_list, write_png
 from diffmatch.raster import grow, smooth_noise
 from diffmatch.rle import encode_mask
 
@@ -252,8 +251,7 @@ def generate(out: Path, *, num_pairs: int = 200, size: int = 256, val_fraction: 
     ids = [pair_id(i) for i in range(num_pairs)]
     splits = {"train": ids[:n_train], "val": ids[n_train : n_train + n_val], "test": ids[n_train + n_val :]}
     for name, split in splits.items():
-        with atomic_path(out / "list" / f"{name}.txt") as tmp:
-            tmp.write_text("".join(f"{i}\n" for i in split))
+        write_id_list(out / "list" / f"{name}.txt", split)
 
 
 def main(args: Args) -> None:

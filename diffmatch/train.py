@@ -24,13 +24,22 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from diffmatch import losses
 from diffmatch.board import Board
-from diffmatch.checkpoint import load_checkpoint, load_state, save_checkpoint
 from diffmatch.checks import check_training_data
 from diffmatch.config import TrainArgs, from_dict, to_dict
 from diffmatch.data import LabeledSet, UnlabeledSet, eval_set, repeat_to, semi_split
-from diffmatch.evaluate import evaluate_model, format_scores, pick_device
-from diffmatch.files import InputError, atomic_path, write_json
-from diffmatch.model import build_model, param_groups
+from diffmatch.evaluate import evaluate_model
+from diffmatch.files import InputError, atomic_path, write_id_list, write_json
+from diffmatch.metrics import format_scores
+from diffmatch.model import (
+    autocast,
+    build_model,
+    build_optimizer,
+    load_checkpoint,
+    load_state,
+    pick_device,
+    save_checkpoint,
+    use_bf16,
+)
 from diffmatch.step import compute_losses, ema_update, to_device, uses_every_parameter
 
 
@@ -156,7 +165,7 @@ def train(args: TrainArgs) -> dict[str, float]:
         raise InputError(f"{out / 'last.pt'}: nothing to resume; drop --resume to start a new run")
     if not args.resume and (out / "last.pt").exists():
         raise InputError(f"{out}: holds a run already; pass --resume to continue it or choose another --out-dir")
-    amp = args.amp and device.type == "cuda"
+    amp = use_bf16(args.amp, device)
     if args.amp and not amp and main_process:
         print("note: --amp applies to CUDA only; training in float32")
 
@@ -177,9 +186,7 @@ def train(args: TrainArgs) -> dict[str, float]:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=not uses_every_parameter(args.method, args.loss, args.model.dual_head))
-    optimizer = torch.optim.SGD(param_groups(net, lr=args.optim.lr, decoder_lr_mult=args.optim.decoder_lr_mult,
-                                             weight_decay=args.optim.weight_decay),
-                                lr=args.optim.lr, momentum=args.optim.momentum)
+    optimizer = build_optimizer(net, args.optim)
     iters_per_epoch = len(loaders.x)
     total_iters = min(args.epochs * iters_per_epoch, args.max_iters or args.epochs * iters_per_epoch)
     teacher = None
@@ -205,8 +212,7 @@ def train(args: TrainArgs) -> dict[str, float]:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", to_dict(args))
         for name, ids in (("labeled", split.labeled), ("unlabeled", split.unlabeled)):
-            with atomic_path(out / f"{name}.txt") as tmp:
-                tmp.write_text("".join(i + "\n" for i in ids))
+            write_id_list(out / f"{name}.txt", ids)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     board = Board.open(out / "tensorboard", enabled=args.tensorboard, write=main_process, start=iteration,
                        vis_set=val_set, split=args.select_on, tile=args.data.crop_size, amp=amp)
@@ -228,7 +234,7 @@ def train(args: TrainArgs) -> dict[str, float]:
             lambda_vl = losses.lambda_vl_at(iteration, total_iters, args.loss.lambda_vl)
             method = args.method if iteration >= args.loss.warmup_iters else "supervised"  # warm-up: L_s only
             x, u, u2 = to_device(x, device), to_device(u, device), to_device(u2, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 step = compute_losses(model, method, x, u, u2, args.loss, lambda_vl, teacher=teacher)
             optimizer.zero_grad(set_to_none=True)
             step.total.backward()

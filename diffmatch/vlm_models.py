@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
+from diffmatch.evaluate import tile_starts, window_grid
 from diffmatch.files import InputError
-from diffmatch.inference import tile_starts, window_grid
+from diffmatch.model import autocast
 
 INSTALL = 'pip install -e ".[vlm]"'
 """How to get the extra, as the error message says it."""
@@ -110,7 +110,7 @@ class Semantic:
             chunk = items[start : start + batch_size]
             crops = [np.array(images[i][y : y + tile, x : x + tile]) for i, y, x in chunk]
             pixels = self.processor.image_processor(images=crops, return_tensors="pt")["pixel_values"]
-            with torch.no_grad(), _autocast(self.device, self.autocast):
+            with torch.no_grad(), autocast(self.device, self.autocast):
                 logits = self.model(pixel_values=pixels.to(self.device).repeat_interleave(num, 0),
                                     conditional_embeddings=self.embeddings.repeat(len(chunk), 1)).logits
             logits = logits.float().view(len(chunk), num, *logits.shape[-2:])
@@ -170,7 +170,7 @@ class Instances:
             chunk = items[start : start + batch_size]
             crops = [np.array(images[i][y : y + tile, x : x + tile]) for i, y, x in chunk]
             inputs = self.det_processor(images=crops, text=[self.text] * len(crops), return_tensors="pt")
-            with torch.no_grad(), _autocast(self.device, self.autocast):
+            with torch.no_grad(), autocast(self.device, self.autocast):
                 out = self.detector(**inputs.to(self.device))
             probs = out.logits.float().sigmoid()  # (n, queries, text tokens)
             per_class = torch.stack([probs[..., idx].amax(-1) for idx in self.tokens], -1).cpu()
@@ -202,7 +202,7 @@ class Instances:
             crop = np.array(image[y : y + tile, x : x + tile])
             local = [[v - o for v, o in zip(kept[k][0], (x, y, x, y), strict=True)] for k in which]
             inputs = self.seg_processor(images=crop, input_boxes=[local], return_tensors="pt")
-            with torch.no_grad(), _autocast(self.device, self.autocast):
+            with torch.no_grad(), autocast(self.device, self.autocast):
                 embeddings = self.segmenter.get_image_embeddings(inputs["pixel_values"].to(self.device))
                 for a in range(0, len(which), SAM_BOXES):
                     boxes = inputs["input_boxes"][:, a : a + SAM_BOXES].float().to(self.device)
@@ -212,8 +212,3 @@ class Instances:
                     masks.update(zip(which[a : a + SAM_BOXES], window.numpy().astype(bool), strict=True))
         return [Detection(tuple(box), self.categories[c], score, win, masks[k])
                 for k, (box, c, score, win) in enumerate(kept) if masks[k].any()]
-
-
-def _autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
-    """bf16 autocast on ``device`` when ``enabled``."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -26,11 +26,19 @@ import numpy as np
 import torch
 
 from diffmatch.config import CEGConfig
-from diffmatch.evaluate import pick_device
-from diffmatch.files import InputError, atomic_path, read_id_list, read_rgb, write_json
-from diffmatch.inference import window_grid
-from diffmatch.pairs import images_in, natural_key, no_pixel_limit
-from diffmatch.progress import Progress
+from diffmatch.evaluate import window_grid
+from diffmatch.files import (
+    InputError,
+    Progress,
+    atomic_path,
+    images_in,
+    natural_key,
+    no_pixel_limit,
+    read_id_list,
+    read_rgb,
+    write_json,
+)
+from diffmatch.model import pick_device, use_bf16
 from diffmatch.rle import encode_counts, window_counts
 from diffmatch.vlm_models import Detection, Instances, Semantic, transformers_module
 
@@ -216,7 +224,7 @@ class Models(NamedTuple):
 def load_models(args: Args) -> Models:
     """The backends of ``--backend`` on ``--device`` (bf16 autocast with ``--amp`` on CUDA)."""
     device = pick_device(args.device)
-    autocast = args.amp and device.type == "cuda"
+    autocast = use_bf16(args.amp, device)
     semantic = Semantic(args.semantic_model, args.classes, device, autocast) if args.backend != "instance" else None
     instances = None
     if args.backend != "semantic":

@@ -15,12 +15,11 @@ from PIL import Image
 
 from diffmatch import train as train_module
 from diffmatch.board import INSTALL, Board, change_grid, step_scalars
-from diffmatch.checkpoint import load_checkpoint
 from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs
 from diffmatch.data import EvalSet
 from diffmatch.evaluate import evaluate_model
 from diffmatch.files import InputError
-from diffmatch.model import build_model, param_groups
+from diffmatch.model import build_model, load_checkpoint, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMS = ("loss/total", "loss/s", "loss/u", "loss/c", "loss/vl")

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from diffmatch.augment import image_to_tensor
 from diffmatch.config import ModelConfig
-from diffmatch.inference import change_logits, change_margin, tile_starts, window_grid
+from diffmatch.evaluate import change_logits, change_margin, tile_starts, window_grid
 from diffmatch.model import ModelOutput, build_model
 
 

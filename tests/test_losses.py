@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from diffmatch.config import IGNORE
 from diffmatch.losses import (
-    IGNORE,
     LossTerms,
     ceg_ce_mean,
     ceg_ce_sum_over_all,
@@ -52,15 +52,25 @@ def assert_zero_with_graph(loss: torch.Tensor, logits: torch.Tensor) -> None:
 def test_supervised_ce_ignores_255() -> None:
     logits = row_logits(*PIXELS)
     target = row(0, 1, IGNORE, 1, dtype=torch.long)
-    loss = supervised_ce(logits, target)
+    loss = supervised_ce(logits, target, ignore_index=IGNORE)
     assert loss.item() == pytest.approx((LN2 + LN43 + LN2) / 3)
-    assert ceg_ce_mean(logits, target).item() == pytest.approx(loss.item())
+    assert ceg_ce_mean(logits, target, ignore_index=IGNORE).item() == pytest.approx(loss.item())
+
+
+def test_the_ignore_index_is_the_callers() -> None:
+    # A copied losses.py serves a project whose ignore value is torch's -100: pixel 3 is left out there,
+    # while 255 would be an out-of-range class.
+    logits = row_logits(*PIXELS)
+    assert supervised_ce(logits, row(0, 1, -100, 1, dtype=torch.long), ignore_index=-100).item() == pytest.approx(
+        (LN2 + LN43 + LN2) / 3)
+    assert ceg_ce_sum_over_all(logits, row(0, 1, -100, -100, dtype=torch.long), ignore_index=-100).item() == (
+        pytest.approx((LN2 + LN43) / 4))
 
 
 def test_supervised_ce_all_ignored_is_zero() -> None:
     logits = row_logits(*PIXELS)
     assert_zero_with_graph(
-        supervised_ce(logits, row(IGNORE, IGNORE, IGNORE, IGNORE, dtype=torch.uint8)), logits
+        supervised_ce(logits, row(IGNORE, IGNORE, IGNORE, IGNORE, dtype=torch.uint8), ignore_index=IGNORE), logits
     )
 
 
@@ -70,7 +80,7 @@ def test_unsupervised_ce_weights_and_divides_by_valid() -> None:
     conf = row(0.99, 0.95, 0.5, 0.99)
     valid = row(True, True, True, False, dtype=torch.bool)
     # Pixels 0 and 1 count (conf >= 0.95 and valid); 2 is below τ; 3 is padding; divide by 3 valid.
-    loss = unsupervised_ce(logits, pseudo, conf, valid, 0.95)
+    loss = unsupervised_ce(logits, pseudo, conf, valid, 0.95, ignore_index=IGNORE)
     assert loss.item() == pytest.approx((LN2 + LN43) / 3)
     weight = confidence_weight(conf, valid, 0.95)
     assert weight.tolist() == [[[1.0, 1.0, 0.0, 0.0]]]
@@ -81,11 +91,12 @@ def test_unsupervised_ce_empty_cases_are_zero() -> None:
     logits = row_logits(*PIXELS)
     below = row(0.1, 0.2, 0.3, 0.94)
     assert_zero_with_graph(
-        unsupervised_ce(logits, pseudo, below, torch.ones(1, 1, 4, dtype=torch.bool), 0.95), logits
+        unsupervised_ce(logits, pseudo, below, torch.ones(1, 1, 4, dtype=torch.bool), 0.95, ignore_index=IGNORE), logits
     )
     logits = row_logits(*PIXELS)
     no_valid = torch.zeros(1, 1, 4, dtype=torch.bool)
-    assert_zero_with_graph(unsupervised_ce(logits, pseudo, torch.ones(1, 1, 4), no_valid, 0.95), logits)
+    loss = unsupervised_ce(logits, pseudo, torch.ones(1, 1, 4), no_valid, 0.95, ignore_index=IGNORE)
+    assert_zero_with_graph(loss, logits)
 
 
 def test_contrastive_balanced_by_hand() -> None:
@@ -133,17 +144,17 @@ def test_ceg_sum_over_all_pixels() -> None:
     logits = row_logits(*PIXELS)
     target = row(1, 0, IGNORE, IGNORE, dtype=torch.long)
     # sum over the two labelled pixels (ln 2 + ln 4) divided by all four pixels
-    assert ceg_ce_sum_over_all(logits, target).item() == pytest.approx((LN2 + LN4) / 4)
-    assert ceg_ce_mean(logits, target).item() == pytest.approx((LN2 + LN4) / 2)
+    assert ceg_ce_sum_over_all(logits, target, ignore_index=IGNORE).item() == pytest.approx((LN2 + LN4) / 4)
+    assert ceg_ce_mean(logits, target, ignore_index=IGNORE).item() == pytest.approx((LN2 + LN4) / 2)
     logits = row_logits(*PIXELS)
-    assert_zero_with_graph(ceg_ce_sum_over_all(logits, torch.full((1, 1, 4), IGNORE)), logits)
+    assert_zero_with_graph(ceg_ce_sum_over_all(logits, torch.full((1, 1, 4), IGNORE), ignore_index=IGNORE), logits)
 
 
 def test_batch_reductions_pool_pixels_over_images() -> None:
     """Means are over pixels of the whole batch, not averaged per image."""
     logits = torch.cat([row_logits(*PIXELS[:2]), row_logits(*PIXELS[:2])]).detach()
     target = torch.tensor([[[0, IGNORE]], [[1, 1]]])
-    assert supervised_ce(logits, target).item() == pytest.approx((LN2 + LN2 + LN43) / 3)
+    assert supervised_ce(logits, target, ignore_index=IGNORE).item() == pytest.approx((LN2 + LN2 + LN43) / 3)
 
 
 def test_schedules() -> None:

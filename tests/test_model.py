@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffmatch.config import ModelConfig
+from diffmatch.config import IGNORE, ModelConfig
 from diffmatch.losses import ceg_ce_mean, contrastive_balanced, supervised_ce
 from diffmatch.model import (
     DiffMatchNet,
@@ -181,10 +181,11 @@ def test_gradients_reach_the_right_parts(net18: DiffMatchNet) -> None:
     def fwd() -> ModelOutput:
         return net18(a, b)
 
-    assert reached(net18, supervised_ce(fwd().change, target)) == {"encoder", "diff_mlp", "w_cr"}
-    assert reached(net18, ceg_ce_mean(fwd().change_vl, target)) == {"encoder", "diff_mlp", "w_vl"}
+    assert reached(net18, supervised_ce(fwd().change, target, ignore_index=IGNORE)) == {"encoder", "diff_mlp", "w_cr"}
+    assert reached(net18, ceg_ce_mean(fwd().change_vl, target, ignore_index=IGNORE)) == {"encoder", "diff_mlp", "w_vl"}
     out = fwd()
-    seg = (ceg_ce_mean(out.seg_a, target) + ceg_ce_mean(out.seg_b, target)) / 2
+    seg = (ceg_ce_mean(out.seg_a, target, ignore_index=IGNORE) + ceg_ce_mean(out.seg_b, target, ignore_index=IGNORE))
+    seg = seg / 2
     assert reached(net18, seg) == {"encoder", "seg_mlp", "seg_classifier"}
     assert reached(net18, contrastive_balanced(fwd().distance, target)) == {"encoder", "seg_mlp"}
 
@@ -193,7 +194,7 @@ def test_ceg_change_loss_reaches_w_cr_without_dual_head() -> None:
     torch.manual_seed(0)
     net = DiffMatchNet(backbone="resnet18", dual_head=False).train()
     target = torch.randint(0, 2, (2, 32, 32))
-    assert reached(net, ceg_ce_mean(net(*pair(2, 32, 32)).change_vl, target)) == {
+    assert reached(net, ceg_ce_mean(net(*pair(2, 32, 32)).change_vl, target, ignore_index=IGNORE)) == {
         "encoder",
         "diff_mlp",
         "w_cr",

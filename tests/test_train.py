@@ -16,11 +16,10 @@ from conftest import write_pair, write_training_set
 from torch import nn
 
 from diffmatch import train as train_module
-from diffmatch.checkpoint import load_checkpoint
 from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs, to_dict
 from diffmatch.data import LabeledSample, UnlabeledSample
 from diffmatch.files import InputError
-from diffmatch.model import build_model
+from diffmatch.model import build_model, load_checkpoint
 from diffmatch.step import compute_losses, ema_update, uses_every_parameter
 
 ROOT = Path(__file__).resolve().parents[1]
