@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmatch import losses, scene
+from diffmatch import losses
 from diffmatch.augment import MEAN, STD
 from diffmatch.config import Backbone
 from diffmatch.decoders import SegmentationDecoder
 from diffmatch.encoder import SiameseEncoder
 from diffmatch.files import InputError, Progress, atomic_path
+from diffmatch.synthetic import scene
 
 NUM_COVER = 7
 """Cover classes of ``scene``: HOUSE, BUILDING, ROAD, GRASS, TREE, WATER, SOIL."""

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmatch import scene, synthetic
+from diffmatch import synthetic
 from diffmatch.files import InputError
 from diffmatch.rle import decode_mask, encode_mask
+from diffmatch.synthetic import scene
 
 SIZE = 64
 NUM = 12

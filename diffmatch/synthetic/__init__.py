@@ -1,6 +1,6 @@
 """A procedural change-detection data set in the layout of README §1, with simulated VLM outputs (README §2).
 
-Pairs come from :mod:`diffmatch.scene` (LEVIR-CD-like suburbs, buildings built or demolished, nuisance
+Pairs come from :mod:`diffmatch.synthetic.scene` (LEVIR-CD-like suburbs, buildings built or demolished, nuisance
 differences and a 1-3 px misregistration). For each date a simulated open-vocabulary segmenter gives
 per-class probabilities (``vlm/{A,B}/<id>.npy``, float16 (C, H, W)) and APE-style COCO instance records
 (``vlm/{A,B}/<id>.json``), with the failure modes the paper's CEG has to cope with (§3.2): missed
@@ -21,11 +21,11 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from diffmatch import scene
 from diffmatch.config import CEGConfig
-from diffmatch.files import InputError, Progress, atomic_path, run_cli, write_id_list, write_png
-from diffmatch.raster import grow, smooth_noise
+from diffmatch.files import InputError, Progress, atomic_path, write_id_list, write_png
 from diffmatch.rle import encode_mask
+from diffmatch.synthetic import scene
+from diffmatch.synthetic.raster import grow, smooth_noise
 
 VLMKind = Literal["npy", "json", "png"]
 CLASSES = CEGConfig().classes  # house, building, road, grass, tree, water: the order of scene's codes
@@ -258,9 +258,3 @@ def main(args: Args) -> None:
     generate(args.out, num_pairs=args.num_pairs, size=args.size, val_fraction=args.val_fraction,
              test_fraction=args.test_fraction, change_density=args.change_density, vlm_noise=args.vlm_noise,
              vlm_kinds=args.vlm_kinds, seed=args.seed, workers=args.workers, overwrite=args.overwrite)
-
-
-if __name__ == "__main__":
-    import tyro
-
-    run_cli(lambda: main(tyro.cli(Args, prog="python -m diffmatch.synthetic")))
