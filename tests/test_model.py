@@ -128,9 +128,17 @@ def test_authors_distance_reduces_over_width_and_stretches_the_channel_rows() ->
     q_b[0, 0, 1] = torch.tensor([3.0, 4.0])  # channel 0, row 1: norm over the width 5
     q_b[0, 1, 2] = torch.tensor([0.0, 2.0])  # channel 1, row 2: 2
     d = authors_distance(q_a, q_b, (2, 3))  # the (C, h) = (2, 3) map at the "image" size 2x3
-    eps = 1e-6 * 2**0.5  # pairwise_distance adds 1e-6 to every difference
-    expected = torch.tensor([[[eps, 5.0, eps], [eps, eps, 2.0]]])
-    torch.testing.assert_close(d, expected, atol=1e-5, rtol=1e-5)
+    expected = torch.tensor([[[0.0, 5.0, 0.0], [0.0, 0.0, 2.0]]])
+    torch.testing.assert_close(d, expected, atol=1e-5, rtol=0)  # atol: pairwise_distance's eps of 1e-6
+    # Where along the width a difference lies does not matter (the width is summed over), unlike §3.6's
+    # per-pixel distance; which channel it lies in does (channels become rows).
+    moved = torch.zeros(1, 2, 3, 2)
+    moved[0, 0, 1] = torch.tensor([4.0, 3.0])
+    moved[0, 1, 2] = torch.tensor([2.0, 0.0])
+    torch.testing.assert_close(authors_distance(q_a, moved, (2, 3)), d)
+    assert not torch.allclose(distance(q_a, moved, (3, 2)), distance(q_a, q_b, (3, 2)))
+    swapped = q_b.flip(1)
+    torch.testing.assert_close(authors_distance(q_a, swapped, (2, 3)), d.flip(1), atol=1e-5, rtol=0)
 
 
 def test_change_only_skips_segmentation(net18: DiffMatchNet) -> None:
