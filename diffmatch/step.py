@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from diffmatch import losses
 from diffmatch.config import IGNORE, LossConfig, Method
-from diffmatch.data import LabeledSample, UnlabeledSample
 from diffmatch.losses import LossTerms
-from diffmatch.model import ModelOutput
 
-Batch = TypeVar("Batch", LabeledSample, UnlabeledSample)
+if TYPE_CHECKING:  # types only: the step runs on any model and batches with these fields
+    from diffmatch.data import LabeledSample, UnlabeledSample
+    from diffmatch.model import ModelOutput
+
+Batch = TypeVar("Batch", "LabeledSample", "UnlabeledSample")
 
 
 def confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
