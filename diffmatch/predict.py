@@ -13,7 +13,7 @@ skips pairs whose outputs exist unless ``--overwrite``. Masks are 0/255.
 GeoTIFF in, GeoTIFF out: outputs named ``.tif`` (in folder mode: those of a geo-referenced pre-event
 TIFF) are TIFFs carrying the pre-event image's geo-referencing tags (``geotiff.GEO_TAGS``), so they open
 in place in a GIS. Pairs larger than the tile are predicted with overlapping windows whose logits are
-averaged (``inference.change_margin``): the model only ever sees a batch of windows, and a pair costs
+averaged (``evaluate.change_margin``): the model only ever sees a batch of windows, and a pair costs
 about 14 bytes a pixel on the CPU.
 """
 

@@ -6,7 +6,7 @@
 - ``Instances``: Grounding DINO (Liu et al., ECCV 2024) boxes for the foreground prompts and a SAM (Kirillov
   et al., ICCV 2023) mask inside each box, the "Grounded-SAM" pipeline: the instances of the ``.json`` files.
 
-Images larger than a model's input are cut into overlapping windows (``inference.window_grid``), as
+Images larger than a model's input are cut into overlapping windows (``evaluate.window_grid``), as
 ``predict`` does: CLIPSeg's logits are averaged where windows overlap; a box belongs to the window whose
 core (its share of the overlap split at the middle) holds the box's centre, so an object is found once.
 """

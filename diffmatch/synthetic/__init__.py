@@ -1,6 +1,6 @@
 """A procedural change-detection data set in the layout of README §1, with simulated VLM outputs (README §2).
 
-Pairs come from :mod:`diffmatch.synthetic.scene` (LEVIR-CD-like suburbs, buildings built or demolished, nuisance
+Pairs come from ``synthetic/scene.py`` (LEVIR-CD-like suburbs, buildings built or demolished, nuisance
 differences and a 1-3 px misregistration). For each date a simulated open-vocabulary segmenter gives
 per-class probabilities (``vlm/{A,B}/<id>.npy``, float16 (C, H, W)) and APE-style COCO instance records
 (``vlm/{A,B}/<id>.json``), with the failure modes the paper's CEG has to cope with (§3.2): missed
