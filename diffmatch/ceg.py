@@ -33,19 +33,21 @@ IGNORE = 255
 def concept_probs(probs: np.ndarray, concepts: Concepts) -> tuple[np.ndarray, np.ndarray]:
     """Foreground and background concept probabilities (H, W) of (C, H, W) class probabilities (Eq. 4),
     in the probabilities' dtype."""
-    keys = _half_keys(probs)
-    if keys is not None:
-        fg, bg = _max_planes(keys[0], concepts.foreground), _max_planes(keys[0], concepts.background)
-        return fg.view(np.float16), bg.view(np.float16)
-    if probs.dtype == np.float16:  # negative values: numpy's slow float16 loops are avoided all the same
-        probs = probs.astype(np.float32)
+    if probs.dtype == np.float16:  # the max of the bit patterns, checked on the maxima alone (_half_keys)
+        keys = probs.view(np.uint16)
+        fg, bg = _max_planes(keys, concepts.foreground), _max_planes(keys, concepts.background)
+        if _half_keys(fg.view(np.float16), bg.view(np.float16)) is not None:
+            return fg.view(np.float16), bg.view(np.float16)
+        probs = probs.astype(np.float32)  # negative values: numpy's slow float16 loops are avoided all the same
     return _max_planes(probs, concepts.foreground), _max_planes(probs, concepts.background)
 
 
 def _max_planes(stack: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """Element-wise max of the planes ``indices`` of a (C, H, W) array."""
-    out = stack[indices[0]].copy()
-    for k in indices[1:]:
+    if len(indices) == 1:
+        return stack[indices[0]].copy()
+    out = np.maximum(stack[indices[0]], stack[indices[1]])
+    for k in indices[2:]:
         np.maximum(out, stack[k], out=out)
     return out
 
@@ -53,7 +55,8 @@ def _max_planes(stack: np.ndarray, indices: np.ndarray) -> np.ndarray:
 def _half_keys(*arrays: np.ndarray) -> list[np.ndarray] | None:
     """The uint16 bit patterns of float16 arrays whose values are all finite and >= 0: they sort as the
     values do, and numpy's float16 arithmetic is several times slower than its uint16 one. None when an
-    array is not float16 or has other values."""
+    array is not float16 or has other values (whose patterns, 0x7C00 and above, sort above all of these:
+    the max of the patterns of several arrays passes this check exactly when all of them do)."""
     if any(a.dtype != np.float16 for a in arrays):
         return None
     keys = [a.view(np.uint16) for a in arrays]
@@ -110,7 +113,7 @@ def instance_change(inst_a: Runs, inst_b: Runs, delta: float = 0.0) -> np.ndarra
     instance of the other is a change; with none on either, nothing is."""
     iou = instance_iou(inst_a, inst_b)
     events = inst_a.union(iou.sum(1) <= delta) | inst_b.union(iou.sum(0) <= delta)
-    return events.astype(np.uint8, order="C")
+    return events.astype(np.uint8)
 
 
 def mixed_change(pixel: np.ndarray, instance: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -130,13 +130,14 @@ class Runs(NamedTuple):
         return np.bincount(self.owner, weights=self.ends - self.starts, minlength=self.count).astype(np.int64)
 
     def union(self, select: np.ndarray | None = None) -> np.ndarray:
-        """(H, W) bool union of the masks ``select`` (a (K,) bool array; None: all); only their runs are
-        decoded."""
+        """(H, W) bool union of the masks ``select`` (a (K,) bool array; None: all), C-contiguous; only
+        their runs are decoded."""
         starts, ends = (self.starts, self.ends) if select is None else (self.starts[select[self.owner]],
                                                                          self.ends[select[self.owner]])
+        col, row = np.divmod(_run_pixels(starts, ends), self.height)
         flat = np.zeros(self.height * self.width, dtype=bool)
-        flat[_run_pixels(starts, ends)] = True
-        return flat.reshape(self.width, self.height).T
+        flat[row * self.width + col] = True  # row-major at once: no transposing copy of the whole mask
+        return flat.reshape(self.height, self.width)
 
     def subset(self, keep: np.ndarray) -> Runs:
         """The masks ``keep`` (a (K,) bool array), renumbered in order."""

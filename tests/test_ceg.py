@@ -85,6 +85,13 @@ def test_float16_gives_what_float32_gives() -> None:
         assert np.array_equal(fg.astype(np.float32), fg32) and np.array_equal(bg.astype(np.float32), bg32)
         assert np.array_equal(segment(fg, bg), segment(fg32, bg32))
         assert np.array_equal(reliable(fg, bg, 0.8), reliable(fg32, bg32, 0.8))
+    # Only the concepts' planes are checked: a negative value elsewhere keeps the float16 way.
+    probs = rng.choice(np.array([0, 0.25, 0.5, 1], np.float16), (7, 9, 11))
+    probs[6] = -1
+    fg, bg = concept_probs(probs, concepts(CEGConfig()))
+    fg32, bg32 = concept_probs(probs.astype(np.float32), concepts(CEGConfig()))
+    assert fg.dtype == np.float16 and np.array_equal(fg.astype(np.float32), fg32)
+    assert np.array_equal(bg.astype(np.float32), bg32)
 
 
 # --- Eq. 8-10: instance-level change --------------------------------------------------------------

@@ -178,7 +178,8 @@ def test_runs_match_decoded_masks_random() -> None:
         dense = np.einsum("mhw,nhw->mn", masks_a.astype(np.int64), masks_b.astype(np.int64))
         assert np.array_equal(runs_intersections(runs_a, runs_b), dense)
         select = rng.random(len(masks_a)) < 0.5
-        assert np.array_equal(runs_a.union(select), masks_a[select].any(0))
+        union = runs_a.union(select)
+        assert np.array_equal(union, masks_a[select].any(0)) and union.flags.c_contiguous
 
 
 def test_runs_are_a_named_tuple_of_arrays() -> None:
