@@ -1,5 +1,5 @@
 """PNG files of single-channel uint8 masks, byte for byte as Pillow writes them at ``compress_level=1``
-(with the same zlib), in about 0.7 of the time.
+(with the same zlib), sooner.
 
 Pillow filters each row with whichever of the PNG filters none, up, sub and Paeth (tried in that order)
 gives the least sum of the bytes read as signed, and deflates the rows with ``Z_FILTERED``; the file
