@@ -52,14 +52,17 @@ def _max_planes(stack: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return out
 
 
-def _half_keys(*arrays: np.ndarray) -> list[np.ndarray] | None:
+def _half_keys(*arrays: np.ndarray, checked: bool = False) -> list[np.ndarray] | None:
     """The uint16 bit patterns of float16 arrays whose values are all finite and >= 0: they sort as the
     values do, and numpy's float16 arithmetic is several times slower than its uint16 one. None when an
     array is not float16 or has other values (whose patterns, 0x7C00 and above, sort above all of these:
-    the max of the patterns of several arrays passes this check exactly when all of them do)."""
+    the max of the patterns of several arrays passes this check exactly when all of them do).
+    ``checked``: float16 arrays are known to hold such values (``concept_probs`` returns only those)."""
     if any(a.dtype != np.float16 for a in arrays):
         return None
     keys = [a.view(np.uint16) for a in arrays]
+    if checked:
+        return keys
     return keys if all(k.max(initial=0) < 0x7C00 for k in keys) else None  # 0x7C00: inf; above: NaN, < 0
 
 
@@ -78,15 +81,17 @@ def _half_threshold(gamma: float) -> int:
     return int(half.view(np.uint16))
 
 
-def segment(fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """Single-date mask ``I_t``: 1 where the foreground concept wins, ties included (Eq. 5)."""
-    keys = _half_keys(fg, bg)
+def segment(fg: np.ndarray, bg: np.ndarray, checked: bool = False) -> np.ndarray:
+    """Single-date mask ``I_t``: 1 where the foreground concept wins, ties included (Eq. 5).
+    ``checked``: ``fg`` and ``bg`` come from ``concept_probs``, which checked float16 values."""
+    keys = _half_keys(fg, bg, checked=checked)
     return (fg >= bg if keys is None else keys[0] >= keys[1]).astype(np.uint8)
 
 
-def reliable(fg: np.ndarray, bg: np.ndarray, gamma: float) -> np.ndarray:
-    """Pixels whose winning concept probability reaches ``gamma`` (one date's factor of Eq. 6)."""
-    keys = _half_keys(fg, bg)
+def reliable(fg: np.ndarray, bg: np.ndarray, gamma: float, checked: bool = False) -> np.ndarray:
+    """Pixels whose winning concept probability reaches ``gamma`` (one date's factor of Eq. 6).
+    ``checked``: as for ``segment``."""
+    keys = _half_keys(fg, bg, checked=checked)
     if keys is None:
         return np.maximum(fg, bg) >= np.float32(gamma)
     return np.maximum(keys[0], keys[1]) >= _half_threshold(gamma)
@@ -161,11 +166,12 @@ def generate(out_a: VLMOutput, out_b: VLMOutput, concepts: Concepts, cfg: CEGCon
     """All CEG masks of one pair (§3.2). ``with_instances=False`` skips Eq. 8–10 (instance all 0)."""
     fg_a, bg_a = concept_probs(out_a.probs, concepts)
     fg_b, bg_b = concept_probs(out_b.probs, concepts)
-    seg_a, seg_b = segment(fg_a, bg_a), segment(fg_b, bg_b)
-    rel_a, rel_b = reliable(fg_a, bg_a, cfg.gamma), reliable(fg_b, bg_b, cfg.gamma)
+    # concept_probs checked its float16 values: the masks skip checking them again (a pass over each)
+    seg_a, seg_b = segment(fg_a, bg_a, checked=True), segment(fg_b, bg_b, checked=True)
+    rel_a, rel_b = reliable(fg_a, bg_a, cfg.gamma, True), reliable(fg_b, bg_b, cfg.gamma, True)
     seg_gamma = cfg.single_date_gamma
-    seg_rel_a = rel_a if seg_gamma == cfg.gamma else reliable(fg_a, bg_a, seg_gamma)
-    seg_rel_b = rel_b if seg_gamma == cfg.gamma else reliable(fg_b, bg_b, seg_gamma)
+    seg_rel_a = rel_a if seg_gamma == cfg.gamma else reliable(fg_a, bg_a, seg_gamma, True)
+    seg_rel_b = rel_b if seg_gamma == cfg.gamma else reliable(fg_b, bg_b, seg_gamma, True)
     instance = (instance_change(out_a.instances, out_b.instances, cfg.delta) if with_instances
                 else np.zeros_like(seg_a))
     return CEGResult(

@@ -19,12 +19,10 @@ dates at γ, and "ratio" is their share. Every row is computed whatever ``--mode
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import struct
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, NamedTuple
@@ -217,6 +215,9 @@ def _run(jobs: list[_Job], workers: int) -> Iterator[PairStats]:
         encoder = GrayEncoder()
         yield from (_process(job, encoder) for job in jobs)
         return
+    import multiprocessing  # imported here: a one-worker run is spared their import (about 15 ms)
+    from concurrent.futures import ProcessPoolExecutor
+
     # Forked workers start at once, spawned ones import everything anew. Spawned all the same off Linux
     # (macOS system libraries do not survive a fork) and once torch is loaded (a forked copy of a process
     # whose torch threads have run can hang), as when diffmatch.bench calls this.

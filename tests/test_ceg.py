@@ -53,6 +53,26 @@ def test_concept_probs_take_the_max_per_concept() -> None:
     assert fg.item() == np.float32(0.5) and bg.item() == np.float32(0.7)
 
 
+def test_checked_masks_skip_the_float16_check_and_agree() -> None:
+    fg = np.array([[0.9, 0.2, 0.5]], np.float16)
+    bg = np.array([[0.1, 0.7, 0.5]], np.float16)
+    assert segment(fg, bg, checked=True).tolist() == segment(fg, bg).tolist() == [[1, 0, 1]]
+    assert reliable(fg, bg, 0.8, checked=True).tolist() == reliable(fg, bg, 0.8).tolist() == [[True, False, False]]
+    # Unchecked, negative float16 values are compared as values, not as bit patterns
+    neg_fg, neg_bg = np.array([[-0.5]], np.float16), np.array([[-0.25]], np.float16)
+    assert segment(neg_fg, neg_bg).tolist() == [[0]] and segment(neg_bg, neg_fg).tolist() == [[1]]
+    # concept_probs returns float16 only for finite values >= 0 (else float32): what checked relies on
+    probs = np.array([-0.5, 0.1, 0.2, 0.3, 0.4, -0.25], np.float16)[:, None, None]
+    assert all(a.dtype == np.float32 for a in concept_probs(probs, concepts(CEGConfig())))
+
+
+def test_one_worker_start_up_imports_no_process_pool() -> None:
+    code = "import sys, diffmatch.ceg_cli; print(sorted({'multiprocessing', 'concurrent.futures'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
+
+
 def test_segment_ties_go_to_foreground_and_reliable_at_exactly_gamma() -> None:
     fg = np.array([[0.8, 0.3, 0.5]], np.float32)
     bg = np.array([[0.1, 0.8, 0.5]], np.float32)
