@@ -19,6 +19,7 @@ The command ``python -m diffmatch.ceg --root DIR`` writes them for a whole data 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -66,6 +67,7 @@ def _half_keys(*arrays: np.ndarray, checked: bool = False) -> list[np.ndarray] |
     return keys if all(k.max(initial=0) < 0x7C00 for k in keys) else None  # 0x7C00: inf; above: NaN, < 0
 
 
+@functools.lru_cache(maxsize=16)  # the same γ for every pair: its numpy scalar steps cost 20 µs a call
 def _half_threshold(gamma: float) -> int:
     """The bit pattern of the least float16 value ``>= float32(gamma)``: float16 values ``>= gamma`` are
     those whose bit patterns reach it (0x7C00, inf, when no finite one does)."""
@@ -85,7 +87,7 @@ def segment(fg: np.ndarray, bg: np.ndarray, checked: bool = False) -> np.ndarray
     """Single-date mask ``I_t``: 1 where the foreground concept wins, ties included (Eq. 5).
     ``checked``: ``fg`` and ``bg`` come from ``concept_probs``, which checked float16 values."""
     keys = _half_keys(fg, bg, checked=checked)
-    return (fg >= bg if keys is None else keys[0] >= keys[1]).astype(np.uint8)
+    return (fg >= bg if keys is None else keys[0] >= keys[1]).view(np.uint8)  # bool is one byte, 0/1: no copy
 
 
 def reliable(fg: np.ndarray, bg: np.ndarray, gamma: float, checked: bool = False) -> np.ndarray:
@@ -99,7 +101,7 @@ def reliable(fg: np.ndarray, bg: np.ndarray, gamma: float, checked: bool = False
 
 def pixel_change(seg_a: np.ndarray, seg_b: np.ndarray) -> np.ndarray:
     """Pixel-level change ``|I_A - I_B|`` as uint8 0/1 (Eq. 7)."""
-    return (seg_a != seg_b).astype(np.uint8)
+    return (seg_a != seg_b).view(np.uint8)
 
 
 def instance_iou(inst_a: Runs, inst_b: Runs) -> np.ndarray:
@@ -118,7 +120,7 @@ def instance_change(inst_a: Runs, inst_b: Runs, delta: float = 0.0) -> np.ndarra
     instance of the other is a change; with none on either, nothing is."""
     iou = instance_iou(inst_a, inst_b)
     events = inst_a.union(iou.sum(1) <= delta) | inst_b.union(iou.sum(0) <= delta)
-    return events.astype(np.uint8)
+    return events.view(np.uint8)
 
 
 def mixed_change(pixel: np.ndarray, instance: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -133,8 +135,8 @@ def single_date_mask(seg: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 def _ignore_outside(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """uint8 ``values`` where ``valid``, else 255 (IGNORE): ``np.where`` as bit operations, as numpy's
-    uint8 ``where`` is slow."""
-    return values.astype(np.uint8, copy=False) | -(~valid.astype(bool, copy=False)).view(np.uint8)
+    uint8 ``where`` is slow: ``valid - 1`` is 0 where valid and wraps to 255 elsewhere."""
+    return values.astype(np.uint8, copy=False) | (valid.astype(bool, copy=False).view(np.uint8) - np.uint8(1))
 
 
 class CEGResult(NamedTuple):
@@ -177,7 +179,7 @@ def generate(out_a: VLMOutput, out_b: VLMOutput, concepts: Concepts, cfg: CEGCon
     return CEGResult(
         pixel=pixel_change(seg_a, seg_b),
         instance=instance,
-        reliable=(rel_a & rel_b).astype(np.uint8),  # Eq. 6
+        reliable=(rel_a & rel_b).view(np.uint8),  # Eq. 6
         seg_a=single_date_mask(seg_a, seg_rel_a),
         seg_b=single_date_mask(seg_b, seg_rel_b),
     )

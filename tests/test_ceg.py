@@ -66,6 +66,18 @@ def test_checked_masks_skip_the_float16_check_and_agree() -> None:
     assert all(a.dtype == np.float32 for a in concept_probs(probs, concepts(CEGConfig())))
 
 
+def test_masks_are_uint8_and_any_nonzero_is_valid() -> None:
+    fg = np.array([[0.9, 0.2]], np.float32)
+    bg = np.array([[0.1, 0.7]], np.float32)
+    seg = segment(fg, bg)  # a uint8 view of the comparison
+    assert seg.dtype == np.uint8 and seg.tolist() == [[1, 0]]
+    assert pixel_change(seg, seg[:, ::-1]).dtype == np.uint8
+    values = np.array([[0, 1, 1, 0]], np.uint8)
+    for valid in (np.array([[1, 1, 0, 0]], bool), np.array([[2, 1, 0, 0]], np.uint8)):
+        assert single_date_mask(values, valid).tolist() == [[0, 1, 255, 255]]
+        assert mixed_change(values, np.ones_like(values), valid).tolist() == [[0, 1, 255, 255]]
+
+
 def test_one_worker_start_up_imports_no_process_pool() -> None:
     code = "import sys, diffmatch.ceg_cli; print(sorted({'multiprocessing', 'concurrent.futures'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
