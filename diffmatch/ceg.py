@@ -19,6 +19,7 @@ The command ``python -m diffmatch.ceg --root DIR`` writes them for a whole data 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -33,33 +34,40 @@ IGNORE = 255
 def concept_probs(probs: np.ndarray, concepts: Concepts) -> tuple[np.ndarray, np.ndarray]:
     """Foreground and background concept probabilities (H, W) of (C, H, W) class probabilities (Eq. 4),
     in the probabilities' dtype."""
-    keys = _half_keys(probs)
-    if keys is not None:
-        fg, bg = _max_planes(keys[0], concepts.foreground), _max_planes(keys[0], concepts.background)
-        return fg.view(np.float16), bg.view(np.float16)
-    if probs.dtype == np.float16:  # negative values: numpy's slow float16 loops are avoided all the same
-        probs = probs.astype(np.float32)
+    if probs.dtype == np.float16:  # the max of the bit patterns, checked on the maxima alone (_half_keys)
+        keys = probs.view(np.uint16)
+        fg, bg = _max_planes(keys, concepts.foreground), _max_planes(keys, concepts.background)
+        if _half_keys(fg.view(np.float16), bg.view(np.float16)) is not None:
+            return fg.view(np.float16), bg.view(np.float16)
+        probs = probs.astype(np.float32)  # negative values: numpy's slow float16 loops are avoided all the same
     return _max_planes(probs, concepts.foreground), _max_planes(probs, concepts.background)
 
 
 def _max_planes(stack: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """Element-wise max of the planes ``indices`` of a (C, H, W) array."""
-    out = stack[indices[0]].copy()
-    for k in indices[1:]:
+    if len(indices) == 1:
+        return stack[indices[0]].copy()
+    out = np.maximum(stack[indices[0]], stack[indices[1]])
+    for k in indices[2:]:
         np.maximum(out, stack[k], out=out)
     return out
 
 
-def _half_keys(*arrays: np.ndarray) -> list[np.ndarray] | None:
+def _half_keys(*arrays: np.ndarray, checked: bool = False) -> list[np.ndarray] | None:
     """The uint16 bit patterns of float16 arrays whose values are all finite and >= 0: they sort as the
     values do, and numpy's float16 arithmetic is several times slower than its uint16 one. None when an
-    array is not float16 or has other values."""
+    array is not float16 or has other values (whose patterns, 0x7C00 and above, sort above all of these:
+    the max of the patterns of several arrays passes this check exactly when all of them do).
+    ``checked``: float16 arrays are known to hold such values (``concept_probs`` returns only those)."""
     if any(a.dtype != np.float16 for a in arrays):
         return None
     keys = [a.view(np.uint16) for a in arrays]
+    if checked:
+        return keys
     return keys if all(k.max(initial=0) < 0x7C00 for k in keys) else None  # 0x7C00: inf; above: NaN, < 0
 
 
+@functools.lru_cache(maxsize=16)  # the same γ for every pair: its numpy scalar steps cost 20 µs a call
 def _half_threshold(gamma: float) -> int:
     """The bit pattern of the least float16 value ``>= float32(gamma)``: float16 values ``>= gamma`` are
     those whose bit patterns reach it (0x7C00, inf, when no finite one does)."""
@@ -75,15 +83,17 @@ def _half_threshold(gamma: float) -> int:
     return int(half.view(np.uint16))
 
 
-def segment(fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """Single-date mask ``I_t``: 1 where the foreground concept wins, ties included (Eq. 5)."""
-    keys = _half_keys(fg, bg)
-    return (fg >= bg if keys is None else keys[0] >= keys[1]).astype(np.uint8)
+def segment(fg: np.ndarray, bg: np.ndarray, checked: bool = False) -> np.ndarray:
+    """Single-date mask ``I_t``: 1 where the foreground concept wins, ties included (Eq. 5).
+    ``checked``: ``fg`` and ``bg`` come from ``concept_probs``, which checked float16 values."""
+    keys = _half_keys(fg, bg, checked=checked)
+    return (fg >= bg if keys is None else keys[0] >= keys[1]).view(np.uint8)  # bool is one byte, 0/1: no copy
 
 
-def reliable(fg: np.ndarray, bg: np.ndarray, gamma: float) -> np.ndarray:
-    """Pixels whose winning concept probability reaches ``gamma`` (one date's factor of Eq. 6)."""
-    keys = _half_keys(fg, bg)
+def reliable(fg: np.ndarray, bg: np.ndarray, gamma: float, checked: bool = False) -> np.ndarray:
+    """Pixels whose winning concept probability reaches ``gamma`` (one date's factor of Eq. 6).
+    ``checked``: as for ``segment``."""
+    keys = _half_keys(fg, bg, checked=checked)
     if keys is None:
         return np.maximum(fg, bg) >= np.float32(gamma)
     return np.maximum(keys[0], keys[1]) >= _half_threshold(gamma)
@@ -91,7 +101,7 @@ def reliable(fg: np.ndarray, bg: np.ndarray, gamma: float) -> np.ndarray:
 
 def pixel_change(seg_a: np.ndarray, seg_b: np.ndarray) -> np.ndarray:
     """Pixel-level change ``|I_A - I_B|`` as uint8 0/1 (Eq. 7)."""
-    return (seg_a != seg_b).astype(np.uint8)
+    return (seg_a != seg_b).view(np.uint8)
 
 
 def instance_iou(inst_a: Runs, inst_b: Runs) -> np.ndarray:
@@ -110,7 +120,7 @@ def instance_change(inst_a: Runs, inst_b: Runs, delta: float = 0.0) -> np.ndarra
     instance of the other is a change; with none on either, nothing is."""
     iou = instance_iou(inst_a, inst_b)
     events = inst_a.union(iou.sum(1) <= delta) | inst_b.union(iou.sum(0) <= delta)
-    return events.astype(np.uint8, order="C")
+    return events.view(np.uint8)
 
 
 def mixed_change(pixel: np.ndarray, instance: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -125,8 +135,8 @@ def single_date_mask(seg: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 def _ignore_outside(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """uint8 ``values`` where ``valid``, else 255 (IGNORE): ``np.where`` as bit operations, as numpy's
-    uint8 ``where`` is slow."""
-    return values.astype(np.uint8, copy=False) | -(~valid.astype(bool, copy=False)).view(np.uint8)
+    uint8 ``where`` is slow: ``valid - 1`` is 0 where valid and wraps to 255 elsewhere."""
+    return values.astype(np.uint8, copy=False) | (valid.astype(bool, copy=False).view(np.uint8) - np.uint8(1))
 
 
 class CEGResult(NamedTuple):
@@ -158,17 +168,18 @@ def generate(out_a: VLMOutput, out_b: VLMOutput, concepts: Concepts, cfg: CEGCon
     """All CEG masks of one pair (§3.2). ``with_instances=False`` skips Eq. 8–10 (instance all 0)."""
     fg_a, bg_a = concept_probs(out_a.probs, concepts)
     fg_b, bg_b = concept_probs(out_b.probs, concepts)
-    seg_a, seg_b = segment(fg_a, bg_a), segment(fg_b, bg_b)
-    rel_a, rel_b = reliable(fg_a, bg_a, cfg.gamma), reliable(fg_b, bg_b, cfg.gamma)
+    # concept_probs checked its float16 values: the masks skip checking them again (a pass over each)
+    seg_a, seg_b = segment(fg_a, bg_a, checked=True), segment(fg_b, bg_b, checked=True)
+    rel_a, rel_b = reliable(fg_a, bg_a, cfg.gamma, True), reliable(fg_b, bg_b, cfg.gamma, True)
     seg_gamma = cfg.single_date_gamma
-    seg_rel_a = rel_a if seg_gamma == cfg.gamma else reliable(fg_a, bg_a, seg_gamma)
-    seg_rel_b = rel_b if seg_gamma == cfg.gamma else reliable(fg_b, bg_b, seg_gamma)
+    seg_rel_a = rel_a if seg_gamma == cfg.gamma else reliable(fg_a, bg_a, seg_gamma, True)
+    seg_rel_b = rel_b if seg_gamma == cfg.gamma else reliable(fg_b, bg_b, seg_gamma, True)
     instance = (instance_change(out_a.instances, out_b.instances, cfg.delta) if with_instances
                 else np.zeros_like(seg_a))
     return CEGResult(
         pixel=pixel_change(seg_a, seg_b),
         instance=instance,
-        reliable=(rel_a & rel_b).astype(np.uint8),  # Eq. 6
+        reliable=(rel_a & rel_b).view(np.uint8),  # Eq. 6
         seg_a=single_date_mask(seg_a, seg_rel_a),
         seg_b=single_date_mask(seg_b, seg_rel_b),
     )

@@ -48,6 +48,8 @@ class Regime:
     """Encoder."""
     decoder_channels: int = 64
     """Width of the decoders."""
+    dual_head: bool = True
+    """Dual projection head (§3.4; a Table 7 switch): the CEG change labels train their own head."""
     batch_size: int = 8
     """Pairs per batch (labelled and each unlabelled batch)."""
     iters: int = 400
@@ -108,7 +110,8 @@ def run_args(root: Path, method: Method, seed: int, regime: Regime, out_dir: Pat
     return TrainArgs(
         data=DataConfig(root=root, crop_size=regime.crop), label_ratio=regime.label_ratio, method=method,
         epochs=epochs, batch_size=regime.batch_size,
-        model=ModelConfig(backbone=regime.backbone, weights=weights, decoder_channels=regime.decoder_channels),
+        model=ModelConfig(backbone=regime.backbone, weights=weights, decoder_channels=regime.decoder_channels,
+                          dual_head=regime.dual_head),
         loss=regime.loss, out_dir=out_dir, seed=seed, num_workers=workers, device=device,
         log_every=max(1, regime.iters // 8), eval_interval=regime.eval_interval, max_iters=regime.iters)
 

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
@@ -142,15 +142,45 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, making its folder if missing: as ``atomic_path`` does, in
+    half the system calls (CEG writes thousands of small files): ``.<name>.<pid>.tmp`` is created with
+    the usual permissions, written and renamed."""
+    name = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(name), f".{os.path.basename(name)}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # no newline translation
+    try:
+        fd = os.open(tmp, flags, 0o666)  # 0o666 less the umask, as for any new file
+    except FileNotFoundError:
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
+    except FileExistsError:  # left by a killed process of the same id, or written by another thread
+        with atomic_path(Path(name)) as other:
+            other.write_bytes(data)
+        return
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, name)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def write_png(path: Path, array: np.ndarray, compress_level: int = 1) -> None:
     """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically (fast zlib level by default)."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
     data = encode_gray(array, compress_level) if array.ndim == 2 else None  # Pillow's bytes, sooner
+    if data is not None:
+        write_bytes(path, data)
+        return
     with atomic_path(path) as tmp:
-        if data is not None:
-            tmp.write_bytes(data)
-        else:
-            Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level)
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level)
 
 
 def write_json(path: Path, obj: Any) -> None:

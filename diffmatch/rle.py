@@ -130,13 +130,14 @@ class Runs(NamedTuple):
         return np.bincount(self.owner, weights=self.ends - self.starts, minlength=self.count).astype(np.int64)
 
     def union(self, select: np.ndarray | None = None) -> np.ndarray:
-        """(H, W) bool union of the masks ``select`` (a (K,) bool array; None: all); only their runs are
-        decoded."""
+        """(H, W) bool union of the masks ``select`` (a (K,) bool array; None: all), C-contiguous; only
+        their runs are decoded."""
         starts, ends = (self.starts, self.ends) if select is None else (self.starts[select[self.owner]],
                                                                          self.ends[select[self.owner]])
+        col, row = np.divmod(_run_pixels(starts, ends), self.height)
         flat = np.zeros(self.height * self.width, dtype=bool)
-        flat[_run_pixels(starts, ends)] = True
-        return flat.reshape(self.width, self.height).T
+        flat[row * self.width + col] = True  # row-major at once: no transposing copy of the whole mask
+        return flat.reshape(self.height, self.width)
 
     def subset(self, keep: np.ndarray) -> Runs:
         """The masks ``keep`` (a (K,) bool array), renumbered in order."""
@@ -200,24 +201,28 @@ def decode_counts_many(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     them concatenated, how many per string); raises RLEError on the first malformed string."""
     joined = "".join(texts).encode()
     lengths = np.array([len(t) for t in texts], dtype=np.int64)
-    c = np.frombuffer(joined, dtype=np.uint8).astype(np.int64) - 48
-    last = (c & 0x20) == 0  # a number ends at each group without the continuation bit
-    starts = np.flatnonzero(np.concatenate(([True], last[:-1])))  # the first group of each number
-    group = np.arange(len(c)) - np.repeat(starts, np.diff(np.append(starts, len(c))))
+    v = np.frombuffer(joined, dtype=np.uint8) - np.uint8(48)  # 6-bit groups; other characters wrap above 63
+    last = (v & 0x20) == 0  # a number ends at each group without the continuation bit
+    is_start = np.empty(len(v), dtype=bool)  # the first group of each number
+    is_start[:1], is_start[1:] = True, last[:-1]
+    position = np.arange(len(v))
+    group = position - np.maximum.accumulate(position * is_start)  # a group's place in its number
     string_ends = np.cumsum(lengths)[lengths > 0] - 1
-    if len(joined) != len(c) or ((c < 0) | (c >= 64)).any() or not last[string_ends].all() or (group > 6).any():
+    if len(joined) != lengths.sum() or (v > 63).any() or not last[string_ends].all() or (group > 6).any():
         return _decode_one_by_one(texts)  # non-ASCII, a bad character, a cut number, one of over 35 bits
-    x = np.add.reduceat((c & 0x1F) << (5 * group), starts) if len(c) else np.zeros(0, np.int64)
-    x -= np.where(c[last] & 0x10, 1 << (5 * (group[last] + 1)), 0)  # sign bit of a number's last group
+    shift = 5 * group
+    x = (np.add.reduceat((v & 0x1F).astype(np.int64) << shift, np.flatnonzero(is_start)) if len(v)
+         else np.zeros(0, np.int64))
+    x -= (v[last] & 0x10).astype(np.int64) << (shift[last] + 1)  # sign bit of a number's last group
     per_string = np.bincount(np.repeat(np.arange(len(texts)), lengths)[last], minlength=len(texts))
     # Runs after the third are stored as the difference to the run two before: running sums over the
-    # odd runs and over the even runs from the third on, restarting at each string.
-    first = np.repeat(np.cumsum(per_string) - per_string, per_string)
-    index = np.arange(len(x)) - first
-    counts = x.copy()
-    for lane in (index % 2 == 1, (index % 2 == 0) & (index > 0)):
-        running = np.concatenate(([0], np.cumsum(np.where(lane, x, 0))))
-        counts = np.where(lane, running[1:] - running[first], counts)
+    # even and the odd places of the whole array, less their value where the string's lane began (one
+    # pass each instead of one per string and lane).
+    first = np.repeat(np.cumsum(per_string) - per_string, per_string)  # each run's string's first run
+    sums = np.zeros(len(x) + 1, dtype=np.int64)  # sums[1 + m] = x[m] + x[m - 2] + ...
+    sums[1::2], sums[2::2] = np.cumsum(x[0::2]), np.cumsum(x[1::2])
+    counts = sums[1:] - sums[first + 1 - ((position[:len(x)] - first) & 1)]  # odd lane from 1, even from 2
+    counts[first] = x[first]  # a string's first run is stored as it is
     return counts, per_string
 
 

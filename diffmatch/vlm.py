@@ -15,7 +15,12 @@ mask ``fg >= bg`` (Eq. 4–5) when there is no JSON or when components are asked
 
 from __future__ import annotations
 
+import functools
+import io
 import json
+import math
+import mmap
+import os
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -87,17 +92,17 @@ def find_files(folder: Path, image_id: str) -> VLMFiles:
     """The VLM files of ``image_id`` in ``folder``; ``<id>.png.json`` is preferred over ``<id>.json``."""
 
     def existing(*names: str) -> Path | None:
-        return next((folder / n for n in names if (folder / n).is_file()), None)
+        return next((folder / n for n in names if os.path.isfile(os.path.join(folder, n))), None)
 
     return VLMFiles(existing(f"{image_id}.npy"), existing(f"{image_id}.png.json", f"{image_id}.json"),
                     existing(f"{image_id}.png"))
 
 
 def read_probs(path: Path, num_classes: int) -> np.ndarray:
-    """(C, H, W) probabilities from a ``.npy``, float16 kept as stored, other floats as float32; errors on
-    a wrong shape or non-finite values."""
+    """(C, H, W) probabilities from a ``.npy``, float16 kept as stored (read-only), other floats as
+    float32; errors on a wrong shape or non-finite values."""
     try:
-        probs = np.load(path, allow_pickle=False)
+        probs = _map_npy(path)
     except Exception as err:  # numpy raises several types for broken files
         raise InputError(f"{path}: cannot read .npy ({err}); re-save it with numpy.save") from None
     if probs.ndim != 3 or probs.shape[0] != num_classes or not np.issubdtype(probs.dtype, np.floating):
@@ -108,6 +113,32 @@ def read_probs(path: Path, num_classes: int) -> np.ndarray:
     if not _all_finite(probs):
         raise InputError(f"{path}: probabilities contain NaN or inf; re-export the VLM output")
     return probs
+
+
+def _map_npy(path: Path) -> np.ndarray:
+    """The read-only array of a ``.npy`` (format 1.0 or 2.0; others by ``np.load``), mapped from the
+    file instead of copied into fresh memory: a third of ``np.load``'s time on CEG's inputs."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return np.load(path, allow_pickle=False)
+        header = f.read(2 if version == (1, 0) else 4)  # the header's length, then the header
+        header += f.read(int.from_bytes(header, "little"))
+        shape, fortran_order, dtype = _npy_header(header, version)
+        if dtype.hasobject:
+            raise ValueError("object arrays cannot be read without pickle")
+        offset = f.tell()
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # kept open by the array that uses it
+    array = np.frombuffer(data, dtype, count=math.prod(shape), offset=offset)
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes, version: tuple[int, int]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of a ``.npy`` header, parsed once per distinct header: numpy
+    parses it with ``ast`` (0.1 ms), and the files of a data set share theirs."""
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(io.BytesIO(header))
 
 
 def _all_finite(probs: np.ndarray) -> bool:
@@ -144,7 +175,7 @@ def read_instances(path: Path, num_classes: int, size: tuple[int, int] | None,
     """The instances of a COCO result list (only those of the classes ``keep``, when given; every
     record is checked); ``size`` (H, W), when given, must match every record. Masks stay as runs."""
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_bytes())  # bytes: no decoding pass, json detects UTF-8
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: cannot read JSON ({err}); re-export the VLM output") from None
     if not isinstance(records, list):

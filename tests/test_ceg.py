@@ -54,6 +54,38 @@ def test_concept_probs_take_the_max_per_concept() -> None:
     assert fg.item() == np.float32(0.5) and bg.item() == np.float32(0.7)
 
 
+def test_checked_masks_skip_the_float16_check_and_agree() -> None:
+    fg = np.array([[0.9, 0.2, 0.5]], np.float16)
+    bg = np.array([[0.1, 0.7, 0.5]], np.float16)
+    assert segment(fg, bg, checked=True).tolist() == segment(fg, bg).tolist() == [[1, 0, 1]]
+    assert reliable(fg, bg, 0.8, checked=True).tolist() == reliable(fg, bg, 0.8).tolist() == [[True, False, False]]
+    # Unchecked, negative float16 values are compared as values, not as bit patterns
+    neg_fg, neg_bg = np.array([[-0.5]], np.float16), np.array([[-0.25]], np.float16)
+    assert segment(neg_fg, neg_bg).tolist() == [[0]] and segment(neg_bg, neg_fg).tolist() == [[1]]
+    # concept_probs returns float16 only for finite values >= 0 (else float32): what checked relies on
+    probs = np.array([-0.5, 0.1, 0.2, 0.3, 0.4, -0.25], np.float16)[:, None, None]
+    assert all(a.dtype == np.float32 for a in concept_probs(probs, concepts(CEGConfig())))
+
+
+def test_masks_are_uint8_and_any_nonzero_is_valid() -> None:
+    fg = np.array([[0.9, 0.2]], np.float32)
+    bg = np.array([[0.1, 0.7]], np.float32)
+    seg = segment(fg, bg)  # a uint8 view of the comparison
+    assert seg.dtype == np.uint8 and seg.tolist() == [[1, 0]]
+    assert pixel_change(seg, seg[:, ::-1]).dtype == np.uint8
+    values = np.array([[0, 1, 1, 0]], np.uint8)
+    for valid in (np.array([[1, 1, 0, 0]], bool), np.array([[2, 1, 0, 0]], np.uint8)):
+        assert single_date_mask(values, valid).tolist() == [[0, 1, 255, 255]]
+        assert mixed_change(values, np.ones_like(values), valid).tolist() == [[0, 1, 255, 255]]
+
+
+def test_one_worker_start_up_imports_no_process_pool() -> None:
+    code = "import sys, diffmatch.ceg_cli; print(sorted({'multiprocessing', 'concurrent.futures'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
+
+
 def test_segment_ties_go_to_foreground_and_reliable_at_exactly_gamma() -> None:
     fg = np.array([[0.8, 0.3, 0.5]], np.float32)
     bg = np.array([[0.1, 0.8, 0.5]], np.float32)
@@ -86,6 +118,13 @@ def test_float16_gives_what_float32_gives() -> None:
         assert np.array_equal(fg.astype(np.float32), fg32) and np.array_equal(bg.astype(np.float32), bg32)
         assert np.array_equal(segment(fg, bg), segment(fg32, bg32))
         assert np.array_equal(reliable(fg, bg, 0.8), reliable(fg32, bg32, 0.8))
+    # Only the concepts' planes are checked: a negative value elsewhere keeps the float16 way.
+    probs = rng.choice(np.array([0, 0.25, 0.5, 1], np.float16), (7, 9, 11))
+    probs[6] = -1
+    fg, bg = concept_probs(probs, concepts(CEGConfig()))
+    fg32, bg32 = concept_probs(probs.astype(np.float32), concepts(CEGConfig()))
+    assert fg.dtype == np.float16 and np.array_equal(fg.astype(np.float32), fg32)
+    assert np.array_equal(bg.astype(np.float32), bg32)
 
 
 # --- Eq. 8-10: instance-level change --------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,10 @@ def test_every_method_gets_the_regime_s_iterations(tmp_path: Path, method: str, 
     pairs = max(1, round(0.05 * len(ids))) if method == "supervised" else len(ids) - max(1, round(0.05 * len(ids)))
     per_epoch = max(pairs // 8, 1)
     assert args.max_iters == 400 and args.epochs * per_epoch >= 400  # the run stops at max_iters, not earlier
+
+
+def test_regime_switches_reach_the_run(tmp_path: Path) -> None:
+    regime = Regime(dual_head=False, loss=replace(Regime().loss, contrastive=False))
+    args = run_args(tmp_path, "diffmatch", 0, regime, tmp_path / "run", "none")
+    assert args.model.dual_head is False and args.loss.contrastive is False
+    assert run_args(tmp_path, "diffmatch", 0, Regime(), tmp_path / "run", "none").model.dual_head is True

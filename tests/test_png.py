@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmatch.files import write_png
-from diffmatch.png import encode_gray, filter_rows
+from diffmatch.files import _UMASK, write_bytes, write_png
+from diffmatch.png import GrayEncoder, encode_gray, filter_rows
 
 
 def pillow_png(image: np.ndarray, level: int = 1) -> bytes:
@@ -65,3 +66,27 @@ def test_write_png_writes_pillows_bytes(tmp_path: Path) -> None:
                         ("rgb", rng.integers(0, 256, (20, 10, 3), dtype=np.uint8))):
         write_png(tmp_path / f"{name}.png", image)
         assert (tmp_path / f"{name}.png").read_bytes() == pillow_png(image), name
+
+
+def test_one_encoder_for_many_images_of_several_sizes() -> None:
+    # The encoder keeps its work arrays between images: each image's bytes stay Pillow's, whatever
+    # came before it (another size, another content), and filter_rows of a fresh encoder agrees.
+    rng = np.random.default_rng(1)
+    encoder = GrayEncoder()
+    for shape in [(5, 7), (5, 7), (1, 1), (64, 48), (5, 7), (40, 600), (256, 256), (256, 256)]:
+        for image in (rng.choice(np.array([0, 1, 255], np.uint8), shape), np.full(shape, 255, np.uint8)):
+            assert encoder.encode(image) == pillow_png(image), shape
+            assert np.array_equal(encoder.filter_rows(image), filter_rows(image.copy()))
+    assert GrayEncoder(9).encode(np.eye(9, dtype=np.uint8)) == pillow_png(np.eye(9, dtype=np.uint8), 9)
+
+
+def test_write_bytes_is_atomic_and_makes_the_folder(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "x.png"
+    write_bytes(path, b"one")
+    assert path.read_bytes() == b"one"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    # A temporary file left by a killed writer of this process id: another temporary name is used.
+    (path.parent / f".x.png.{os.getpid()}.tmp").write_bytes(b"stale")
+    write_bytes(path, b"two")
+    assert path.read_bytes() == b"two"
+    assert sorted(p.name for p in path.parent.iterdir()) == [f".x.png.{os.getpid()}.tmp", "x.png"]

@@ -160,6 +160,19 @@ def test_runs_union_subset_and_intersections_by_hand() -> None:
     assert runs_intersections(runs_a, empty).shape == (2, 0) and not empty.union().any()
 
 
+def test_decode_counts_many_restarts_the_differences_at_every_string() -> None:
+    # Strings of 0 to 7 runs in a row: their first runs fall on even and odd places of the joined runs
+    lists = [[5], [0, 3], [2, 4, 6], [7, 1, 1, 9], [], [3, 3, 8, 2, 5], [1, 2, 3, 4, 5, 6], [9, 0, 9, 0, 9, 0, 9],
+             [40, 1, 3, 2, 30, 7]]
+    texts = [encode_counts(c) for c in lists]
+    counts, lengths = decode_counts_many(texts)
+    assert counts.tolist() == [v for c in lists for v in c]
+    assert lengths.tolist() == [len(c) for c in lists]
+    for start in range(len(texts)):  # each string first, at place 0
+        counts, _ = decode_counts_many(texts[start:])
+        assert counts.tolist() == [v for c in lists[start:] for v in c]
+
+
 def test_runs_match_decoded_masks_random() -> None:
     rng = np.random.default_rng(0)
     for trial in range(200):
@@ -178,7 +191,8 @@ def test_runs_match_decoded_masks_random() -> None:
         dense = np.einsum("mhw,nhw->mn", masks_a.astype(np.int64), masks_b.astype(np.int64))
         assert np.array_equal(runs_intersections(runs_a, runs_b), dense)
         select = rng.random(len(masks_a)) < 0.5
-        assert np.array_equal(runs_a.union(select), masks_a[select].any(0))
+        union = runs_a.union(select)
+        assert np.array_equal(union, masks_a[select].any(0)) and union.flags.c_contiguous
 
 
 def test_runs_are_a_named_tuple_of_arrays() -> None:

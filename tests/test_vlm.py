@@ -138,6 +138,27 @@ def test_components_instead_of_json(tmp_path: Path) -> None:
     assert np.array_equal(read_vlm(tmp_path, "x", CFG, "components").instances.masks(), box(0, 0, 2, 2)[None])
 
 
+def test_npy_layouts_are_read_as_numpy_reads_them(tmp_path: Path) -> None:
+    # Mapped from the file: C and Fortran order, header format 2.0, big-endian float16 (as float32).
+    rng = np.random.default_rng(0)
+    probs = rng.random((6, H, W)).astype(np.float16)
+    for name, array in (("c", probs), ("f", np.asfortranarray(probs)), ("big", probs.astype(">f2"))):
+        np.save(tmp_path / f"{name}.npy", array)
+        out = read_vlm(tmp_path, name, CFG).probs
+        assert np.array_equal(out, np.load(tmp_path / f"{name}.npy"))
+        assert (out.dtype, out.flags.writeable) == ((np.float32, True) if name == "big" else (np.float16, False))
+    with open(tmp_path / "v2.npy", "wb") as f:
+        np.lib.format.write_array(f, probs, version=(2, 0))
+    assert np.array_equal(read_vlm(tmp_path, "v2", CFG).probs, probs)
+    data = (tmp_path / "c.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[:-2])
+    with pytest.raises(InputError, match="cut.npy: cannot read .npy"):
+        read_vlm(tmp_path, "cut", CFG)
+    np.save(tmp_path / "obj.npy", np.array([{}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="obj.npy: cannot read .npy"):
+        read_vlm(tmp_path, "obj", CFG)
+
+
 def test_empty_json_with_npy(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.zeros((6, H, W), np.float32))
     write_json(tmp_path / "x.json", [])
