@@ -31,7 +31,7 @@ import tyro
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from diffmatch import ceg, ceg_cli, comparison, synthetic, vlm
+from diffmatch import ceg, comparison, synthetic, vlm
 from diffmatch.comparison import Regime
 from diffmatch.config import AugmentConfig, Backbone, CEGConfig, LossConfig, Method, ModelConfig, OptimConfig, to_dict
 from diffmatch.data import LabeledSet, UnlabeledSet, repeat_to
@@ -133,7 +133,7 @@ def run_ceg(root: Path, workers: int, overwrite: bool = True) -> float:
     """Seconds of ``python -m diffmatch.ceg --root ROOT --out-name pseudo_bench --workers N``, printout dropped."""
     start = time.perf_counter()
     with open(os.devnull, "w") as null, redirect_stdout(null):
-        ceg_cli.main(ceg_cli.Args(root=root, out_name=PSEUDO, workers=workers, overwrite=overwrite))
+        ceg.main(ceg.Args(root=root, out_name=PSEUDO, workers=workers, overwrite=overwrite))
     return time.perf_counter() - start
 
 

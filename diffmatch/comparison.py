@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from diffmatch import ceg_cli, pretrain, synthetic
+from diffmatch import ceg, pretrain, synthetic
 from diffmatch.config import Backbone, DataConfig, LossConfig, Method, ModelConfig, TrainArgs
 from diffmatch.files import read_id_list
 from diffmatch.train import train
@@ -74,7 +74,7 @@ def prepare_data(root: Path, regime: Regime, *, seed: int = 0, workers: int = 1)
 def prepare_labels(root: Path, *, workers: int = 1) -> None:
     """CEG labels (``pseudo/``) of the training split, where they are missing."""
     with contextlib.redirect_stdout(io.StringIO()):
-        ceg_cli.main(ceg_cli.Args(root=root, split="train" if (root / "list" / "train.txt").is_file() else None,
+        ceg.main(ceg.Args(root=root, split="train" if (root / "list" / "train.txt").is_file() else None,
                                   workers=workers))
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from diffmatch import ceg_cli, comparison
+from diffmatch import ceg, comparison
 from diffmatch.comparison import Regime
 from diffmatch.files import InputError, write_json
 
@@ -61,7 +61,7 @@ def run(args: Args, regime: Regime, root: Path) -> dict:
     comparison.prepare_data(data, regime, workers=args.workers)
     print("[2/3] change event generation (CEG) from the simulated VLM outputs", flush=True)
     with contextlib.redirect_stdout(io.StringIO()):
-        table = ceg_cli.main(ceg_cli.Args(root=data, split="test", out_name="pseudo_test", workers=args.workers))
+        table = ceg.main(ceg.Args(root=data, split="test", out_name="pseudo_test", workers=args.workers))
     print(f"[3/3] pretraining an encoder ({regime.pretrain_iters} iterations), then supervised, fixmatch and "
           f"diffmatch for {regime.iters} iterations each ({regime.backbone}); progress on stderr", flush=True)
     result = comparison.compare(data, root / "runs", seeds=(args.seed,), regime=regime, device=args.device)

@@ -14,23 +14,25 @@ from conftest import DATA
 from PIL import Image
 
 from diffmatch.ceg import (
+    LEVELS,
+    Args,
     CEGResult,
     concept_probs,
     generate,
     instance_change,
     instance_iou,
+    level_confusions,
+    main,
     mixed_change,
     pixel_change,
     reliable,
     segment,
     single_date_mask,
 )
-from diffmatch.ceg_cli import LEVELS, Args, level_confusions, main
 from diffmatch.config import CEGConfig
 from diffmatch.files import InputError
 from diffmatch.metrics import confusion
-from diffmatch.rle import Runs, encode_mask, runs_of_masks
-from diffmatch.vlm import VLMOutput, concepts
+from diffmatch.vlm import Runs, VLMOutput, concepts, encode_mask, runs_of_masks
 
 VECTORS = DATA / "ceg-vectors"
 VECTOR_IDS = ["vec_000", "vec_004", "vec_005", "vec_006", "vec_011"]
@@ -80,7 +82,7 @@ def test_masks_are_uint8_and_any_nonzero_is_valid() -> None:
 
 
 def test_one_worker_start_up_imports_no_process_pool() -> None:
-    code = "import sys, diffmatch.ceg_cli; print(sorted({'multiprocessing', 'concurrent.futures'} & set(sys.modules)))"
+    code = "import sys, diffmatch.ceg; print(sorted({'multiprocessing', 'concurrent.futures'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "[]"
