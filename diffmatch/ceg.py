@@ -47,7 +47,6 @@ from PIL import Image
 
 from diffmatch.config import IGNORE, CEGConfig
 from diffmatch.files import (
-    GrayEncoder,
     InputError,
     Progress,
     images_in,
@@ -55,10 +54,11 @@ from diffmatch.files import (
     read_label,
     write_bytes,
     write_json,
-    write_png,
 )
 from diffmatch.metrics import Confusion, scores
-from diffmatch.vlm import Concepts, InstanceSource, Runs, VLMOutput, concepts, list_ids, read_vlm, runs_intersections
+from diffmatch.png import GrayEncoder, write_png
+from diffmatch.rle import Runs, runs_intersections
+from diffmatch.vlm import Concepts, InstanceSource, VLMOutput, concepts, list_ids, read_vlm
 
 
 def concept_probs(probs: np.ndarray, concepts: Concepts) -> tuple[np.ndarray, np.ndarray]:
@@ -299,7 +299,7 @@ def _process(job: _Job, encoder: GrayEncoder) -> PairStats:
 
 
 def _write_mask(path: Path, mask: np.ndarray, encoder: GrayEncoder) -> None:
-    """``files.write_png`` of a mask, with the encoder (and work arrays) of the pairs before it."""
+    """``png.write_png`` of a mask, with the encoder (and work arrays) of the pairs before it."""
     data = encoder.encode(mask)
     if data is None:  # over one IDAT chunk: Pillow writes it
         write_png(path, mask)

@@ -28,9 +28,10 @@ from diffmatch import augment
 from diffmatch.augment import MEAN, STD
 from diffmatch.config import DataConfig
 from diffmatch.data import EvalSet, eval_set
-from diffmatch.files import InputError, Progress, atomic_path, write_json, write_png
+from diffmatch.files import InputError, Progress, atomic_path, write_json
 from diffmatch.metrics import Confusion, confusion, format_scores, scores
 from diffmatch.model import autocast, model_from_checkpoint, pick_device
+from diffmatch.png import write_png
 
 # ----------------------------------------------------------------------------- sliding windows
 

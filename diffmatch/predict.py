@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from diffmatch.evaluate import change_margin, model_device, window_grid
-from diffmatch.files import InputError, Progress, find_pairs, no_pixel_limit, pair_size, read_rgb, write_png
+from diffmatch.files import InputError, Progress, find_pairs, no_pixel_limit, pair_size, read_rgb
 from diffmatch.geotiff import TIFF_EXTS, GeoTags, geo_tags, write_tiff
 from diffmatch.model import autocast, model_from_checkpoint, pick_device
+from diffmatch.png import write_png
 
 WINDOW_PROGRESS = 64
 """Pairs of more windows than this also show a progress line over their windows."""

@@ -42,9 +42,9 @@ from diffmatch.files import (
     run_cli,
     scan_pairs,
     write_id_list,
-    write_png,
 )
 from diffmatch.geotiff import geo_tags
+from diffmatch.png import write_png
 
 TILE = 256
 WHU_SIZES = {"train": 5947, "val": 743, "test": 744}  # published split of 7,434 tiles

@@ -39,7 +39,7 @@ from diffmatch.files import (
     write_json,
 )
 from diffmatch.model import pick_device, use_bf16
-from diffmatch.vlm import encode_counts, window_counts
+from diffmatch.rle import encode_counts, window_counts
 from diffmatch.vlm_models import Detection, Instances, Semantic, transformers_module
 
 Backend = Literal["semantic", "instance", "both"]

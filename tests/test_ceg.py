@@ -32,7 +32,8 @@ from diffmatch.ceg import (
 from diffmatch.config import CEGConfig
 from diffmatch.files import InputError
 from diffmatch.metrics import confusion
-from diffmatch.vlm import Runs, VLMOutput, concepts, encode_mask, runs_of_masks
+from diffmatch.rle import Runs, encode_mask, runs_of_masks
+from diffmatch.vlm import VLMOutput, concepts
 
 VECTORS = DATA / "ceg-vectors"
 VECTOR_IDS = ["vec_000", "vec_004", "vec_005", "vec_006", "vec_011"]

@@ -20,8 +20,8 @@ from diffmatch.files import (
     run_cli,
     write_id_list,
     write_json,
-    write_png,
 )
+from diffmatch.png import write_png
 
 
 def test_atomic_path_renames_on_success(tmp_path: Path) -> None:

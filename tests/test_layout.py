@@ -13,19 +13,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffmatch"
 NEEDS = {
     "config": set(),
     "files": set(),
+    "png": {"files"},
+    "rle": set(),
     "augment": {"config"},
     "data": {"config", "files", "augment"},
-    "vlm": {"config", "files"},
-    "ceg": {"config", "files", "vlm", "metrics"},
+    "vlm": {"config", "files", "rle"},
+    "ceg": {"config", "files", "png", "rle", "vlm", "metrics"},
     "encoder": {"config", "files"},
     "decoders": set(),
     "model": {"config", "files", "encoder", "decoders"},
     "losses": set(),
     "step": {"config", "losses"},
     "metrics": {"config"},
-    "evaluate": {"config", "files", "augment", "data", "metrics", "model", "encoder", "decoders", "checks"},
-    "train": {"config", "files", "augment", "data", "metrics", "model", "encoder", "decoders", "losses", "step",
-              "evaluate", "checks", "board"},
+    "evaluate": {"config", "files", "png", "augment", "data", "metrics", "model", "encoder", "decoders", "checks"},
+    "train": {"config", "files", "png", "augment", "data", "metrics", "model", "encoder", "decoders", "losses",
+              "step", "evaluate", "checks", "board"},
 }
 """Core module -> the modules it needs at run time (directly or through them), as in README "Contents"."""
 

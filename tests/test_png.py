@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmatch.files import _UMASK, GrayEncoder, encode_gray, filter_rows, write_bytes, write_png
+from diffmatch.files import _UMASK, write_bytes
+from diffmatch.png import GrayEncoder, encode_gray, filter_rows, write_png
 
 
 def pillow_png(image: np.ndarray, level: int = 1) -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffmatch.vlm import (
+from diffmatch.rle import (
     RLEError,
     Runs,
     counts_to_mask,

@@ -12,8 +12,8 @@ from PIL import Image
 
 from diffmatch import synthetic
 from diffmatch.files import InputError
+from diffmatch.rle import decode_mask, encode_mask
 from diffmatch.synthetic import scene
-from diffmatch.vlm import decode_mask, encode_mask
 
 SIZE = 64
 NUM = 12

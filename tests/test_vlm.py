@@ -12,7 +12,8 @@ from PIL import Image
 
 from diffmatch.config import CEGConfig
 from diffmatch.files import InputError
-from diffmatch.vlm import concepts, encode_mask, find_files, list_ids, mask_to_counts, read_instances, read_vlm, vlm_id
+from diffmatch.rle import encode_mask, mask_to_counts
+from diffmatch.vlm import concepts, find_files, list_ids, read_instances, read_vlm, vlm_id
 
 CFG = CEGConfig()  # house, building | road, grass, tree, water
 H, W = 4, 5

@@ -221,7 +221,8 @@ def test_instance_json_round_trips_through_the_readers(root: Path, models: dict[
 
     from diffmatch.ceg import Args as CEGArgs
     from diffmatch.ceg import main as ceg
-    from diffmatch.vlm import decode_mask, read_instances, read_vlm
+    from diffmatch.rle import decode_mask
+    from diffmatch.vlm import read_instances, read_vlm
     from diffmatch.vlm_run import main
 
     summary = main(_args(root, models, box_threshold=0.0))  # random weights: every box counts
@@ -255,7 +256,7 @@ def test_instance_json_round_trips_through_the_readers(root: Path, models: dict[
 
 @needs_transformers
 def test_instance_backend_alone_and_windows(root: Path, models: dict[str, Path]) -> None:
-    from diffmatch.vlm import decode_mask
+    from diffmatch.rle import decode_mask
     from diffmatch.vlm_run import main
 
     main(_args(root, models, backend="instance", box_threshold=0.0, tile=32, overlap=8, batch_size=3))

@@ -22,10 +22,11 @@ import numpy as np
 from scipy import ndimage
 
 from diffmatch.config import CEGConfig
-from diffmatch.files import InputError, Progress, atomic_path, write_id_list, write_png
+from diffmatch.files import InputError, Progress, atomic_path, write_id_list
+from diffmatch.png import write_png
+from diffmatch.rle import encode_mask
 from diffmatch.synthetic import scene
 from diffmatch.synthetic.raster import grow, smooth_noise
-from diffmatch.vlm import encode_mask
 
 VLMKind = Literal["npy", "json", "png"]
 CLASSES = CEGConfig().classes  # house, building, road, grass, tree, water: the order of scene's codes
