@@ -216,6 +216,10 @@ class TrainArgs:
     eval_interval: int = 1000
     """Evaluate on the validation split every this many iterations and after the last one: the same
     schedule for every method, whatever its epoch length."""
+    save_every: float = 60.0
+    """Seconds between saves of ``last.pt``, made at epoch ends (a resumed run restarts at the epoch
+    after the last save) and always after the last epoch; 0: after every epoch. With a few labelled
+    pairs an epoch is a few iterations, and saving each one would cost more than training it."""
     select_on: Literal["val", "test"] = "val"
     """Split that picks ``best.pt``; ``test`` reproduces the authors' protocol."""
     max_iters: int | None = None

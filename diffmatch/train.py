@@ -221,6 +221,7 @@ def train(args: TrainArgs) -> dict[str, float]:
               f"{iters_per_epoch} iterations/epoch, {total_iters} in all, on {device} x{world}")
 
     start_time, start_iter = time.time(), iteration
+    saved_at = start_time
     while iteration < total_iters:
         for loader in loaders:
             if loader is not None:
@@ -263,7 +264,8 @@ def train(args: TrainArgs) -> dict[str, float]:
             if iteration >= total_iters:
                 break
         epoch += 1
-        if main_process:
+        if main_process and (iteration >= total_iters or time.time() - saved_at >= args.save_every):
+            saved_at = time.time()
             save_checkpoint(out / "last.pt", model=net, args=args, epoch=epoch, iteration=iteration,
                             best_score=best, optimizer=optimizer, teacher=teacher)
         if world > 1:

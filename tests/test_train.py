@@ -34,7 +34,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_args(root: Path, out: Path, **overrides: object) -> TrainArgs:
     args = TrainArgs(data=DataConfig(root=root, crop_size=32), label_ratio=0.2, epochs=2, batch_size=2,
                      model=ModelConfig(backbone="resnet18", decoder_channels=16), out_dir=out, num_workers=0,
-                     log_every=1, device="cpu", max_iters=None)
+                     log_every=1, device="cpu", max_iters=None, save_every=0)
     return replace(args, **overrides)
 
 
@@ -292,3 +292,19 @@ def test_weak_bn_stats_leave_the_strong_view_out_of_the_running_statistics() -> 
     compute_losses(model, "fixmatch", x, u, u2, LossConfig(), 0.1)  # the paper's step: the strong view counts too
     weak_only(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=True)
     assert any(not torch.allclose(v, dict(weak_only.named_buffers())[n]) for n, v in bn)
+
+
+@pytest.mark.parametrize(("save_every", "saves"), [(0.0, 2), (3600.0, 1)])
+def test_last_checkpoint_is_saved_at_most_every_save_every_seconds(data_root: Path, tmp_path: Path, monkeypatch,
+                                                                   save_every: float, saves: int) -> None:
+    saved: list[int] = []
+    real_save = train_module.save_checkpoint
+
+    def counting_save(path: Path, **kwargs: object) -> None:
+        if path.name == "last.pt":
+            saved.append(int(kwargs["epoch"]))  # type: ignore[call-overload]
+        real_save(path, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", counting_save)
+    train_module.train(tiny_args(data_root, tmp_path / "run", save_every=save_every))
+    assert saved == [1, 2][-saves:]  # two epochs: each saved, or only the last
