@@ -50,6 +50,8 @@ class Args:
     """``cpu``, ``cuda``; None: cuda when available."""
     workers: int = 2
     """Processes for data generation and CEG."""
+    jobs: int = 2
+    """Training runs at a time, each in its own process with its share of the CPU threads."""
     seed: int = 0
     """Seed of the labelled draw and the training runs (the data set's is 0)."""
 
@@ -64,7 +66,8 @@ def run(args: Args, regime: Regime, root: Path) -> dict:
         table = ceg.main(ceg.Args(root=data, split="test", out_name="pseudo_test", workers=args.workers))
     print(f"[3/3] pretraining an encoder ({regime.pretrain_iters} iterations), then supervised, fixmatch and "
           f"diffmatch for {regime.iters} iterations each ({regime.backbone}); progress on stderr", flush=True)
-    result = comparison.compare(data, root / "runs", seeds=(args.seed,), regime=regime, device=args.device)
+    result = comparison.compare(data, root / "runs", seeds=(args.seed,), regime=regime, device=args.device,
+                                jobs=args.jobs)
     methods = {m: runs[str(args.seed)] for m, runs in result["runs"].items()}
     summary = {"ceg_test": table["rows"] if table else None, "methods": methods,
                "regime": asdict(regime), "seconds": round(time.time() - start, 1)}
