@@ -36,7 +36,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_args(root: Path, out: Path, **overrides: object) -> TrainArgs:
     args = TrainArgs(data=DataConfig(root=root, crop_size=32), label_ratio=1 / 3, epochs=2, batch_size=2,
                      model=ModelConfig(backbone="resnet18", decoder_channels=16), out_dir=out, num_workers=0,
-                     log_every=1, eval_interval=2, device="cpu", tensorboard=True)
+                     log_every=1, eval_interval=2, device="cpu", tensorboard=True, save_every=0)
     return replace(args, **overrides)
 
 
