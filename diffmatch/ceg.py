@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import os
-import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,7 +42,6 @@ from typing import Annotated, NamedTuple
 
 import numpy as np
 import tyro
-from PIL import Image
 
 from diffmatch.config import IGNORE, CEGConfig
 from diffmatch.files import (
@@ -56,7 +54,7 @@ from diffmatch.files import (
     write_json,
 )
 from diffmatch.metrics import Confusion, scores
-from diffmatch.png import GrayEncoder, write_png
+from diffmatch.png import GrayEncoder, image_size, write_png
 from diffmatch.rle import Runs, runs_intersections
 from diffmatch.vlm import Concepts, InstanceSource, VLMOutput, concepts, list_ids, read_vlm
 
@@ -370,20 +368,8 @@ def _image_sizes(root: Path, ids: list[str]) -> dict[str, tuple[int, int]]:
     names = images_in(folder)
     for image_id in ids:
         if image_id in names:
-            sizes[image_id] = _image_size(names[image_id])
+            sizes[image_id] = image_size(names[image_id])
     return sizes
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image, from the IHDR chunk of a PNG (a tenth of Pillow's time), else as Pillow reads
-    it from the header."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", head[16:24])
-        return height, width
-    with Image.open(path) as image:  # reads the header only
-        return image.height, image.width
 
 
 def _run(jobs: list[_Job], workers: int) -> Iterator[PairStats]:

@@ -143,3 +143,15 @@ def write_png(path: Path, array: np.ndarray, compress_level: int = 1) -> None:
         return
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image, from the IHDR chunk of a PNG (a tenth of Pillow's time), else as Pillow reads
+    it from the header."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", head[16:24])
+        return height, width
+    with Image.open(path) as image:  # reads the header only
+        return image.height, image.width
