@@ -133,6 +133,9 @@ def run_method(args: TrainArgs) -> dict:
 def _run_in_process(args: TrainArgs, threads: int) -> dict:
     """``run_method`` in a worker process with its share of the CPU threads."""
     torch.set_num_threads(threads)
+    # A spawned process inherits "spawn" as its start method; give its DataLoader workers the platform's
+    # default, as in a run started from the command line (spawned workers import torch again each time).
+    multiprocessing.set_start_method(None, force=True)
     return run_method(args)
 
 

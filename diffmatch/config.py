@@ -144,6 +144,10 @@ class LossConfig:
     warmup_iters: int = 0
     """Supervised-only warm-up: the first this many iterations of ``fixmatch`` and ``diffmatch`` use
     L_s alone (U2PL's ``sup_only_epoch``; ST++). 0 in the paper's recipe."""
+    rampup_iters: int = 0
+    """Sigmoid ramp-up of the consistency terms L_u and L_c over this many iterations after the warm-up
+    (Mean Teacher, Tarvainen and Valpola 2017; CCT): their weight grows from exp(-5) to 1. 0 in the
+    paper's recipe."""
     class_thresholds: bool = False
     """FlexMatch's class-wise confidence thresholds (Zhang et al. 2021) in place of one τ for L_u and
     L_c: the rarely confident class (change) gets a lower threshold. Off in the paper."""

@@ -8,6 +8,7 @@ ROOT/pseudo/change/<id>.png  ROOT/pseudo/A/<id>.png  ROOT/pseudo/B/<id>.png    (
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -15,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from diffmatch import augment
 from diffmatch.config import IGNORE, AugmentConfig, DataConfig
@@ -152,6 +153,15 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` whose keys carry the epoch, ``epoch * len(dataset) + index``: the training
+    sets draw new augmentations every epoch, also in DataLoader workers that live across epochs."""
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * len(self.dataset)
+        return (offset + index for index in super().__iter__())
+
+
 # ----------------------------------------------------------------------------- datasets
 class LabeledSample(NamedTuple):
     """Weak view of a labelled pair. ``pseudo``, ``seg_a``, ``seg_b`` are the CEG labels (all 255
@@ -190,7 +200,8 @@ class EvalSample(NamedTuple):
 
 
 class _PairSet(Dataset):
-    """Shared part of the training sets: ids, pseudo labels, per-sample random streams."""
+    """Shared part of the training sets: ids, pseudo labels, per-sample random streams. A key
+    ``epoch * len(self) + index`` gives sample ``index`` as drawn in ``epoch`` (``EpochSampler``)."""
 
     def __init__(self, root: Path, ids: list[str], *, crop_size: int, augment_cfg: AugmentConfig,
                  pseudo_dir: str | None, seed: int, need_label: bool, label_threshold: int | None = None) -> None:
@@ -199,12 +210,13 @@ class _PairSet(Dataset):
         if pseudo_dir is not None:
             require_files(root / pseudo_dir, ids, ("change", "A", "B"), pseudo_hint(root, pseudo_dir))
         self.root, self.ids, self.crop_size, self.cfg = root, ids, crop_size, augment_cfg
-        self.pseudo_dir, self.seed, self.epoch = pseudo_dir, seed, 0
+        self.pseudo_dir, self.seed = pseudo_dir, seed
         self.read_label = partial(read_label, threshold=label_threshold, flag=LABEL_FLAG)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Draw new augmentations for a new epoch (call before iterating a DataLoader)."""
-        self.epoch = epoch
+    def rng(self, key: int) -> tuple[int, np.random.Generator]:
+        """The index of ``key`` and the random stream of its epoch."""
+        epoch, index = divmod(key, len(self.ids))
+        return index, sample_rng(self.seed, epoch, index)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -229,8 +241,8 @@ class LabeledSet(_PairSet):
         super().__init__(root, ids, crop_size=crop_size, augment_cfg=augment_cfg, pseudo_dir=pseudo_dir,
                          seed=seed, need_label=True, label_threshold=label_threshold)
 
-    def __getitem__(self, index: int) -> LabeledSample:
-        rng = sample_rng(self.seed, self.epoch, index)
+    def __getitem__(self, key: int) -> LabeledSample:
+        index, rng = self.rng(key)
         a, b, masks = self._load(index, with_label=True)
         a, b, masks = augment.weak_view(a, b, masks, self.cfg, self.crop_size, rng)
         return LabeledSample(augment.image_to_tensor(a), augment.image_to_tensor(b),
@@ -246,8 +258,8 @@ class UnlabeledSet(_PairSet):
         super().__init__(root, ids, crop_size=crop_size, augment_cfg=augment_cfg, pseudo_dir=pseudo_dir,
                          seed=seed, need_label=False)
 
-    def __getitem__(self, index: int) -> UnlabeledSample:
-        rng = sample_rng(self.seed, self.epoch, index)
+    def __getitem__(self, key: int) -> UnlabeledSample:
+        index, rng = self.rng(key)
         a, b, masks = self._load(index, with_label=False)
         padding = Image.new("L", a.size, 0)
         a, b, (padding, *masks) = augment.weak_view(a, b, [padding, *masks], self.cfg, self.crop_size, rng)

@@ -9,6 +9,7 @@ ignored, none above τ) gives an exact zero that still belongs to the graph, nev
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -104,6 +105,15 @@ def lambda_vl_at(iteration: int, total_iters: int, start: float = 0.1) -> float:
     return start * max(0.0, 1.0 - iteration / max(total_iters, 1))
 
 
+def rampup(iteration: int, start: int, length: int) -> float:
+    """Mean Teacher's sigmoid ramp-up (Tarvainen and Valpola 2017; CCT uses it too): exp(-5 (1 - t)^2)
+    with t = (iteration - start) / length clipped to [0, 1]; 1 when ``length`` is 0."""
+    if length <= 0:
+        return 1.0
+    t = min(max((iteration - start) / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
 def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float = 0.9) -> float:
     """Poly decay per iteration: base_lr * (1 - t / T) ** power."""
     return base_lr * max(0.0, 1.0 - iteration / max(total_iters, 1)) ** power
@@ -122,9 +132,10 @@ class LossTerms(NamedTuple):
     """L_vl, VLM guidance (§3.3, §3.5): the mean of the CEG terms that are on (six by default)."""
 
 
-def total_loss(terms: LossTerms, *, lambda_c: float, lambda_vl: float) -> Tensor:
-    """L = (L_s + L_u) / 2 + λ_c L_c + λ_vl L_vl (Eq. 1 and 15)."""
-    return (terms.s + terms.u) / 2 + lambda_c * terms.c + lambda_vl * terms.vl
+def total_loss(terms: LossTerms, *, lambda_c: float, lambda_vl: float, unsup_weight: float = 1.0) -> Tensor:
+    """L = (L_s + w L_u) / 2 + w λ_c L_c + λ_vl L_vl (Eq. 1 and 15); the consistency weight w is 1 in the
+    paper (below 1 during a ramp-up, ``rampup``)."""
+    return (terms.s + unsup_weight * terms.u) / 2 + unsup_weight * lambda_c * terms.c + lambda_vl * terms.vl
 
 
 def zero_like(x: Tensor) -> Tensor:

@@ -130,10 +130,10 @@ def uses_every_parameter(method: Method, cfg: LossConfig, dual_head: bool) -> bo
 
 def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: UnlabeledSample | None,
                    u2: UnlabeledSample | None, cfg: LossConfig, lambda_vl: float,
-                   teacher: nn.Module | None = None) -> StepResult:
+                   teacher: nn.Module | None = None, unsup_weight: float = 1.0) -> StepResult:
     """Steps 1–3 of the training step (§3.1, Table 1): pseudo labels, forward passes with gradient, loss
     terms and total. With a ``teacher``, it gives the pseudo labels of ``u`` and ``u2`` instead of
-    ``model``."""
+    ``model``; ``unsup_weight`` scales L_u and L_c (a ramp-up, ``losses.rampup``)."""
     if method == "supervised" or u is None or u2 is None:
         l_s = losses.supervised_ce(model(x.a, x.b, change_only=True).change, x.label, ignore_index=IGNORE)
         zero = losses.zero_like(l_s)
@@ -157,7 +157,7 @@ def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: Unlabe
             l_c = contrastive_term(out, out_s, x.label, label, conf, valid, tau, cfg.margin)
         l_vl = guidance_term(out, out_s, x, u, u2, cfg)
     terms = LossTerms(l_s, l_u, l_c, l_vl)
-    total = losses.total_loss(terms, lambda_c=cfg.lambda_c, lambda_vl=lambda_vl)
+    total = losses.total_loss(terms, lambda_c=cfg.lambda_c, lambda_vl=lambda_vl, unsup_weight=unsup_weight)
     confident = ((conf >= tau) & valid).sum() / valid.sum().clamp(min=1)
     return StepResult(terms, total, confident)
 

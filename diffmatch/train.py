@@ -20,13 +20,13 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from diffmatch import losses
 from diffmatch.board import Board
 from diffmatch.checks import check_training_data
 from diffmatch.config import TrainArgs, from_dict, to_dict
-from diffmatch.data import LabeledSet, UnlabeledSet, eval_set, repeat_to, semi_split
+from diffmatch.data import EpochSampler, LabeledSet, UnlabeledSet, eval_set, repeat_to, semi_split
 from diffmatch.evaluate import evaluate_model
 from diffmatch.files import InputError, atomic_path, write_id_list, write_json
 from diffmatch.metrics import format_scores
@@ -64,10 +64,10 @@ def make_loaders(args: TrainArgs, labeled: list[str], unlabeled: list[str], rank
         if len(dataset) < args.batch_size * world:
             raise InputError(f"only {len(dataset)} training pairs for --batch-size {args.batch_size} on {world} "
                              "process(es); lower --batch-size or add data")
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                     seed=args.seed + 1000 * stream, drop_last=True)
+        sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                               seed=args.seed + 1000 * stream, drop_last=True)
         return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                          drop_last=True, pin_memory=pin_memory)
+                          drop_last=True, pin_memory=pin_memory, persistent_workers=args.num_workers > 0)
 
     if args.method == "supervised":
         return Loaders(loader(LabeledSet(args.data.root, labeled, seed=args.seed, label_threshold=threshold,
@@ -114,12 +114,12 @@ def check_args(args: TrainArgs) -> None:
             raise InputError(f"{flag} {value}: must be at least 1")
     if not 0 <= args.loss.tau <= 1:
         raise InputError(f"--loss.tau {args.loss.tau}: must be in [0, 1]")
-    if args.num_workers < 0:
-        raise InputError(f"--num-workers {args.num_workers}: must be 0 or more")
     if not 0 <= args.loss.ema_teacher < 1:
         raise InputError(f"--loss.ema-teacher {args.loss.ema_teacher}: must be in [0, 1)")
-    if args.loss.warmup_iters < 0:
-        raise InputError(f"--loss.warmup-iters {args.loss.warmup_iters}: must be 0 or more")
+    for flag, value in (("--num-workers", args.num_workers), ("--loss.warmup-iters", args.loss.warmup_iters),
+                        ("--loss.rampup-iters", args.loss.rampup_iters)):
+        if value < 0:
+            raise InputError(f"{flag} {value}: must be 0 or more")
 
 
 RUN_FIELDS = ("data", "label_ratio", "method", "epochs", "batch_size", "augment", "model", "loss", "optim",
@@ -225,8 +225,7 @@ def train(args: TrainArgs) -> dict[str, float]:
     while iteration < total_iters:
         for loader in loaders:
             if loader is not None:
-                loader.sampler.set_epoch(epoch)
-                loader.dataset.set_epoch(epoch)
+                loader.sampler.set_epoch(epoch)  # workers live across epochs: the keys carry the epoch
         streams = [loader if loader is not None else iter(lambda: None, 0) for loader in loaders]
         model.train()
         for x, u, u2 in zip(*streams, strict=False):
@@ -234,9 +233,11 @@ def train(args: TrainArgs) -> dict[str, float]:
                 group["lr"] = losses.poly_lr(group["base_lr"], iteration, total_iters, args.optim.poly_power)
             lambda_vl = losses.lambda_vl_at(iteration, total_iters, args.loss.lambda_vl)
             method = args.method if iteration >= args.loss.warmup_iters else "supervised"  # warm-up: L_s only
+            ramp = losses.rampup(iteration, args.loss.warmup_iters, args.loss.rampup_iters)
             x, u, u2 = to_device(x, device), to_device(u, device), to_device(u2, device)
             with autocast(device, amp):
-                step = compute_losses(model, method, x, u, u2, args.loss, lambda_vl, teacher=teacher)
+                step = compute_losses(model, method, x, u, u2, args.loss, lambda_vl, teacher=teacher,
+                                      unsup_weight=ramp)
             optimizer.zero_grad(set_to_none=True)
             step.total.backward()
             optimizer.step()

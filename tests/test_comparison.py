@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffmatch import pretrain
+from diffmatch import comparison, pretrain
 from diffmatch.comparison import Regime, format_summary, run_args, summarise
 from diffmatch.encoder import SiameseEncoder
 
@@ -95,3 +96,16 @@ def test_regime_switches_reach_the_run(tmp_path: Path) -> None:
     args = run_args(tmp_path, "diffmatch", 0, regime, tmp_path / "run", "none")
     assert args.model.dual_head is False and args.loss.contrastive is False
     assert run_args(tmp_path, "diffmatch", 0, Regime(), tmp_path / "run", "none").model.dual_head is True
+
+
+def test_runs_in_spawned_processes_give_their_loaders_the_platform_start_method(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    default = multiprocessing.get_start_method()
+    monkeypatch.setattr(comparison, "run_method", lambda args: {"start": multiprocessing.get_start_method()})
+    threads = torch.get_num_threads()
+    multiprocessing.set_start_method("spawn", force=True)  # as in a process of compare(..., jobs=2)
+    try:
+        assert comparison._run_in_process(None, threads) == {"start": default}
+    finally:
+        multiprocessing.set_start_method(default, force=True)
+        torch.set_num_threads(threads)

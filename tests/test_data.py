@@ -12,6 +12,7 @@ from PIL import Image
 from diffmatch.config import AugmentConfig, DataConfig
 from diffmatch.data import (
     PUBLIC_SPLITS,
+    EpochSampler,
     EvalSet,
     LabeledSet,
     UnlabeledSet,
@@ -280,5 +281,22 @@ def test_augmentation_is_reproducible_across_workers(tiny_root: Path) -> None:
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
     batched = torch.cat([batch.a_strong for batch in loader])
     assert torch.equal(torch.stack(direct), batched)
-    dataset.set_epoch(1)
-    assert not torch.equal(dataset[0].a_strong, direct[0])
+    assert not torch.equal(dataset[len(ids)].a_strong, direct[0])  # the same pair, drawn in epoch 1
+
+
+def test_epoch_sampler_draws_new_views_in_persistent_workers(tiny_root: Path) -> None:
+    ids = list_ids(tiny_root, "train")
+    dataset = LabeledSet(tiny_root, ids, crop_size=24, augment_cfg=AugmentConfig(), seed=3)
+    sampler = EpochSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+    assert list(sampler) == list(range(len(ids)))
+    sampler.set_epoch(2)
+    assert list(sampler) == [2 * len(ids) + i for i in range(len(ids))]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=len(ids), sampler=sampler, num_workers=1,
+                                         persistent_workers=True)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        epochs.append(next(iter(loader)).a)
+    assert torch.equal(epochs[0], torch.stack([dataset[i].a for i in range(len(ids))]))
+    assert torch.equal(epochs[1], torch.stack([dataset[len(ids) + i].a for i in range(len(ids))]))
+    assert not torch.equal(epochs[0], epochs[1])

@@ -16,6 +16,7 @@ from diffmatch.losses import (
     contrastive_weighted,
     lambda_vl_at,
     poly_lr,
+    rampup,
     supervised_ce,
     total_loss,
     unsupervised_ce,
@@ -167,12 +168,22 @@ def test_schedules() -> None:
     assert poly_lr(0.02, 100, 100) == 0.0
 
 
+def test_rampup_is_mean_teachers_sigmoid_after_the_warmup() -> None:
+    assert rampup(0, 0, 0) == rampup(5, 10, 0) == 1.0  # no ramp-up: full weight
+    assert rampup(10, 10, 40) == pytest.approx(math.exp(-5))  # starts at the end of the warm-up
+    assert rampup(3, 10, 40) == pytest.approx(math.exp(-5))
+    assert rampup(30, 10, 40) == pytest.approx(math.exp(-5 * 0.5**2))  # halfway: exp(-1.25) = 0.2865
+    assert rampup(50, 10, 40) == rampup(90, 10, 40) == 1.0
+
+
 def test_total_loss_weights() -> None:
     terms = LossTerms(s=torch.tensor(1.0), u=torch.tensor(2.0), c=torch.tensor(3.0), vl=torch.tensor(4.0))
     # (1 + 2) / 2 + 0.1 * 3 + 0.05 * 4
     assert total_loss(terms, lambda_c=0.1, lambda_vl=0.05).item() == pytest.approx(2.0)
     off = LossTerms(s=torch.tensor(1.0), u=torch.tensor(2.0), c=zero_like(terms.s), vl=zero_like(terms.s))
     assert total_loss(off, lambda_c=0.1, lambda_vl=0.1).item() == pytest.approx(1.5)
+    # a ramp-up weight of 0.5 scales L_u and L_c only: (1 + 0.5 * 2) / 2 + 0.5 * 0.1 * 3 + 0.05 * 4
+    assert total_loss(terms, lambda_c=0.1, lambda_vl=0.05, unsup_weight=0.5).item() == pytest.approx(1.35)
     assert zero_like(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
 
 

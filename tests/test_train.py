@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -96,6 +97,16 @@ def test_warmup_trains_with_the_labelled_loss_alone(data_root: Path, tmp_path: P
         assert r["loss"] == pytest.approx(r["loss_s"], abs=1e-4)  # L_s alone, not (L_s + L_u) / 2
     for r in steps[2:]:
         assert r["loss_u"] > 0 and r["loss_c"] > 0 and r["loss_vl"] > 0, r
+
+
+def test_rampup_weighs_the_consistency_terms_from_the_end_of_the_warmup(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    loss = LossConfig(tau=0.0, warmup_iters=1, rampup_iters=2, lambda_vl=0.0)
+    train_module.train(tiny_args(data_root, out, max_iters=4, log_every=1, loss=loss))
+    steps = [r for r in records(out) if "loss" in r]
+    for r, weight in zip(steps[1:], (math.exp(-5), math.exp(-5 / 4), 1.0), strict=True):
+        expected = (r["loss_s"] + weight * r["loss_u"]) / 2 + weight * loss.lambda_c * r["loss_c"]
+        assert r["loss"] == pytest.approx(expected, abs=1e-4), r
 
 
 def test_ema_teacher_is_checkpointed_and_resumes(data_root: Path, tmp_path: Path, monkeypatch) -> None:
