@@ -26,7 +26,7 @@ from diffmatch.files import InputError, write_json
 
 def demo_regime() -> Regime:
     """The demo's budget: README §7's regime on fewer, smaller pairs and iterations."""
-    return Regime(pairs=400, size=96, iters=240, eval_interval=40, pretrain_iters=300, pretrain_scenes=200)
+    return Regime(pairs=400, size=96, iters=240, eval_interval=40, pretrain_iters=200, pretrain_scenes=200)
 
 
 def quick_regime() -> Regime:
