@@ -213,8 +213,8 @@ class _PairSet(Dataset):
         self.pseudo_dir, self.seed = pseudo_dir, seed
         self.read_label = partial(read_label, threshold=label_threshold, flag=LABEL_FLAG)
 
-    def rng(self, key: int) -> tuple[int, np.random.Generator]:
-        """The index of ``key`` and the random stream of its epoch."""
+    def index_and_rng(self, key: int) -> tuple[int, np.random.Generator]:
+        """The sample index of ``key`` and the random stream of that sample in the key's epoch."""
         epoch, index = divmod(key, len(self.ids))
         return index, sample_rng(self.seed, epoch, index)
 
@@ -242,7 +242,7 @@ class LabeledSet(_PairSet):
                          seed=seed, need_label=True, label_threshold=label_threshold)
 
     def __getitem__(self, key: int) -> LabeledSample:
-        index, rng = self.rng(key)
+        index, rng = self.index_and_rng(key)
         a, b, masks = self._load(index, with_label=True)
         a, b, masks = augment.weak_view(a, b, masks, self.cfg, self.crop_size, rng)
         return LabeledSample(augment.image_to_tensor(a), augment.image_to_tensor(b),
@@ -259,7 +259,7 @@ class UnlabeledSet(_PairSet):
                          seed=seed, need_label=False)
 
     def __getitem__(self, key: int) -> UnlabeledSample:
-        index, rng = self.rng(key)
+        index, rng = self.index_and_rng(key)
         a, b, masks = self._load(index, with_label=False)
         padding = Image.new("L", a.size, 0)
         a, b, (padding, *masks) = augment.weak_view(a, b, [padding, *masks], self.cfg, self.crop_size, rng)
