@@ -1,6 +1,6 @@
 """See DiffMatch work in minutes, on the CPU, with nothing to download.
 
-    python -m diffmatch.demo            # about 9 minutes on 2 CPU cores (README section 6)
+    python -m diffmatch.demo            # about 8 minutes on 2 CPU cores (README section 6)
     python -m diffmatch.demo --quick    # under a minute: a smoke test of the whole pipeline
 
 Generates a synthetic data set with simulated VLM outputs, runs CEG on it, pretrains a small encoder
