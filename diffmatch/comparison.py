@@ -36,8 +36,13 @@ def regime_loss() -> LossConfig:
 class Regime:
     """One training budget for every method and seed (README §7)."""
 
-    pairs: int = 1000
-    """Synthetic pairs when no data set is given (70 % train, 10 % val, 20 % test)."""
+    pairs: int = 1500
+    """Synthetic pairs when no data set is given (``val_fraction`` val, ``test_fraction`` test, the rest
+    train)."""
+    val_fraction: float = 0.2
+    """Share of the synthetic pairs in the val split (300 of 1,500: enough to select checkpoints)."""
+    test_fraction: float = 0.2
+    """Share of the synthetic pairs in the test split."""
     size: int = 128
     """Side of the synthetic images."""
     label_ratio: float = 0.05
@@ -61,13 +66,17 @@ class Regime:
     and seed (a stand-in for ImageNet weights); 0: random initialisation."""
     pretrain_scenes: int = 300
     """Synthetic scenes of the pretraining (disjoint from the data set's)."""
+    pretrain_buildings: bool = False
+    """Pretrain with house and building labels (the first stand-in, which knows the changed concept);
+    default: those pixels are ignored, as ImageNet weights carry no building masks."""
     loss: LossConfig = field(default_factory=regime_loss)
     """Loss terms, switches and remedies of ``fixmatch`` and ``diffmatch``."""
 
 
 def prepare_data(root: Path, regime: Regime, *, seed: int = 0, workers: int = 1) -> None:
     """A synthetic set at ``root`` (kept if complete) and its CEG labels for the training split."""
-    synthetic.generate(root, num_pairs=regime.pairs, size=regime.size, seed=seed, workers=workers, verbose=False)
+    synthetic.generate(root, num_pairs=regime.pairs, size=regime.size, val_fraction=regime.val_fraction,
+                       test_fraction=regime.test_fraction, seed=seed, workers=workers, verbose=False)
     prepare_labels(root, workers=workers)
 
 
@@ -95,7 +104,8 @@ def encoder_weights(path: Path, regime: Regime) -> str:
     if not path.is_file():
         with contextlib.redirect_stdout(sys.stderr):
             pretrain.pretrain(pretrain.Args(out=path, backbone=regime.backbone, iters=regime.pretrain_iters,
-                                            scenes=regime.pretrain_scenes, crop=min(64, regime.size)))
+                                            scenes=regime.pretrain_scenes, crop=min(64, regime.size),
+                                            with_buildings=regime.pretrain_buildings))
     return str(path)
 
 
@@ -145,7 +155,8 @@ def compare(root: Path, runs: Path, *, methods: tuple[Method, ...] = METHODS, se
     ``jobs`` runs at a time (each in its own process with its share of the CPU threads); returns the runs'
     scores and their mean and standard deviation per method."""
     regime = regime or Regime()
-    name = f"encoder-{regime.backbone}-{regime.pretrain_scenes}x{regime.pretrain_iters}.pt"
+    cover = "with-buildings" if regime.pretrain_buildings else "no-buildings"
+    name = f"encoder-{regime.backbone}-{regime.pretrain_scenes}x{regime.pretrain_iters}-{cover}.pt"
     weights = encoder_weights(runs / name, regime)
     todo = [(m, s, run_args(root, m, s, regime, runs / f"{m}-seed{s}", weights, device=device, workers=workers))
             for s in seeds for m in methods]

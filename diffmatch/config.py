@@ -142,15 +142,18 @@ class LossConfig:
     ``authors``, the released code's ``pairwise_distance`` over the width axis of NCHW features, for
     reproducing its tables term for term (README §5)."""
     warmup_iters: int = 0
-    """Supervised-only warm-up: the first this many iterations of ``fixmatch`` and ``diffmatch`` use
-    L_s alone (U2PL's ``sup_only_epoch``; ST++). 0 in the paper's recipe."""
+    """Warm-up of ``fixmatch`` and ``diffmatch``: for the first this many iterations the terms trained on
+    the model's own pseudo labels (L_u and the strong-view half of L_c) are held back; L_s, the labelled
+    half of L_c and the CEG guidance (whose labels come from the VLM) train from the first iteration, and
+    λ_vl follows its schedule over the whole run. 0 in the paper's recipe."""
     rampup_iters: int = 0
-    """Sigmoid ramp-up of the consistency terms L_u and L_c over this many iterations after the warm-up
-    (Mean Teacher, Tarvainen and Valpola 2017; CCT): their weight grows from exp(-5) to 1. 0 in the
-    paper's recipe."""
+    """Sigmoid ramp-up of the pseudo-label terms (L_u, the strong-view half of L_c) over this many
+    iterations after the warm-up (Mean Teacher, Tarvainen and Valpola 2017; CCT): their weight grows from
+    exp(-5) to 1. 0 in the paper's recipe."""
     class_thresholds: bool = False
-    """FlexMatch's class-wise confidence thresholds (Zhang et al. 2021) in place of one τ for L_u and
-    L_c: the rarely confident class (change) gets a lower threshold. Off in the paper."""
+    """FlexMatch's class-wise confidence thresholds (Zhang et al. 2021) in place of one τ for L_u and L_c,
+    from a learning status kept over the unlabelled set (``step.LearningStatus``): a class the model is
+    rarely sure of gets a lower threshold. Off in the paper."""
     weak_bn_stats: bool = False
     """BatchNorm running statistics from the labelled and weak views alone: the strong view's forward
     pass normalises with its own batch but does not update them. Its colour jitter, drawn per date,
@@ -159,7 +162,11 @@ class LossConfig:
     ema_teacher: float = 0.0
     """EMA decay of a teacher network that gives the pseudo labels of L_u and L_c in place of the
     student's own weak-view predictions (Mean Teacher, Tarvainen and Valpola 2017; UniMatch-V2
-    uses one). 0: no teacher, as in FixMatch and the paper."""
+    uses one). It starts as a copy of the student when the pseudo-label terms start (after the warm-up).
+    0: no teacher, as in FixMatch and the paper."""
+    halve_supervised: bool = False
+    """``supervised`` only: train on L_s / 2, the weight Eq. 1 gives L_s in the semi-supervised methods
+    (a control of what the halving alone does). Off in the paper."""
 
 
 @dataclass

@@ -177,7 +177,7 @@ class LabeledSample(NamedTuple):
 
 class UnlabeledSample(NamedTuple):
     """Weak and strong views of an unlabelled pair, its padding mask (255 = padding), CEG labels
-    (all 255 when not loaded) and the CutMix box of the strong view."""
+    (all 255 when not loaded), the CutMix box of the strong view and the pair's index in the set."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -188,6 +188,7 @@ class UnlabeledSample(NamedTuple):
     seg_a: torch.Tensor
     seg_b: torch.Tensor
     box: torch.Tensor
+    index: torch.Tensor
 
 
 class EvalSample(NamedTuple):
@@ -268,7 +269,7 @@ class UnlabeledSet(_PairSet):
         to_image = augment.image_to_tensor
         return UnlabeledSample(to_image(a), to_image(b), to_image(a_strong), to_image(b_strong),
                                augment.mask_to_tensor(padding), *(augment.mask_to_tensor(m) for m in masks),
-                               torch.from_numpy(box))
+                               torch.from_numpy(box), torch.tensor(index))
 
 
 class EvalSet(Dataset):

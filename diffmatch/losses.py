@@ -37,16 +37,18 @@ def confidence_weight(conf: Tensor, valid: Tensor, tau: float | Tensor) -> Tenso
     return ((conf >= tau) & valid).to(conf.dtype)
 
 
-def class_thresholds(conf: Tensor, pseudo: Tensor, valid: Tensor, tau: float, num_classes: int = 2) -> Tensor:
-    """FlexMatch's class-wise thresholds (Zhang et al. 2021, Eq. 6–7 with the convex mapping), as a
-    per-pixel map: τ_c = τ · β_c / (2 - β_c), β_c the number of valid pixels labelled c above τ over that
-    of the class with most. A class the model is rarely sure of (change) gets a lower threshold, so its
-    pseudo labels are not drowned by the confident majority. Counted over the batch; a batch without any
-    pixel above τ keeps τ for every class."""
-    above = (conf >= tau) & valid
-    sigma = torch.stack([(above & (pseudo == c)).sum() for c in range(num_classes)]).to(conf.dtype)
-    beta = sigma / sigma.max() if bool(sigma.max() > 0) else torch.ones_like(sigma)  # nothing sure yet: τ
-    return (tau * beta / (2 - beta))[pseudo.long().clamp(max=num_classes - 1)]
+def flexmatch_thresholds(confident: Tensor, predicted: Tensor, unseen: float, tau: float) -> Tensor:
+    """FlexMatch's class-wise thresholds (Zhang et al. 2021, Eq. 6-7 with the convex mapping and the
+    threshold warm-up) for dense prediction: τ_c = τ · β_c / (2 - β_c) with β_c = r_c / max(max_k r_k,
+    ``unseen``), where r_c = ``confident[c] / predicted[c]`` is the learning status of class c (the share of
+    the pixels predicted as c that are above τ, over every unlabelled sample's latest prediction) and
+    ``unseen`` the share of the unlabelled samples not yet predicted. FlexMatch counts confident samples per
+    class; with balanced classes that count is proportional to r_c, and dividing by the class's own
+    predictions keeps a rare class (change) from getting β ≈ its pixel share. A class never predicted
+    has r = 0. Returns (C,) thresholds."""
+    status = confident.double() / predicted.double().clamp(min=1)
+    beta = status / max(float(status.max()), unseen, 1e-12)
+    return (tau * beta / (2 - beta)).float()
 
 
 def unsupervised_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float | Tensor, *,
@@ -114,6 +116,12 @@ def rampup(iteration: int, start: int, length: int) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
+def pseudo_label_weight(iteration: int, warmup_iters: int, rampup_iters: int) -> float:
+    """Weight of the terms trained on the model's own pseudo labels (L_u, the strong-view half of L_c) at
+    ``iteration``: 0 during the warm-up, then ``rampup`` from its end (1 without one, as in the paper)."""
+    return 0.0 if iteration < warmup_iters else rampup(iteration, warmup_iters, rampup_iters)
+
+
 def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float = 0.9) -> float:
     """Poly decay per iteration: base_lr * (1 - t / T) ** power."""
     return base_lr * max(0.0, 1.0 - iteration / max(total_iters, 1)) ** power
@@ -127,15 +135,17 @@ class LossTerms(NamedTuple):
     u: Tensor
     """L_u, FixMatch consistency (Eq. 3)."""
     c: Tensor
-    """L_c, contrastive consistency (Eq. 14): (labelled + strong view) / 2."""
+    """L_c, contrastive consistency (Eq. 14): (labelled + w · strong view) / 2, w the pseudo-label weight
+    (1 in the paper)."""
     vl: Tensor
     """L_vl, VLM guidance (§3.3, §3.5): the mean of the CEG terms that are on (six by default)."""
 
 
 def total_loss(terms: LossTerms, *, lambda_c: float, lambda_vl: float, unsup_weight: float = 1.0) -> Tensor:
-    """L = (L_s + w L_u) / 2 + w λ_c L_c + λ_vl L_vl (Eq. 1 and 15); the consistency weight w is 1 in the
-    paper (below 1 during a ramp-up, ``rampup``)."""
-    return (terms.s + unsup_weight * terms.u) / 2 + unsup_weight * lambda_c * terms.c + lambda_vl * terms.vl
+    """L = (L_s + w L_u) / 2 + λ_c L_c + λ_vl L_vl (Eq. 1 and 15). The weight w of the terms trained on the
+    model's own pseudo labels is 1 in the paper (0 during a warm-up, below 1 during a ramp-up,
+    ``rampup``); L_c arrives with its strong-view half already weighted by it (``step.compute_losses``)."""
+    return (terms.s + unsup_weight * terms.u) / 2 + lambda_c * terms.c + lambda_vl * terms.vl
 
 
 def zero_like(x: Tensor) -> Tensor:

@@ -190,10 +190,10 @@ def autocast(device: torch.device, amp: bool) -> torch.autocast:
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, *, model: nn.Module, args: TrainArgs, epoch: int, iteration: int,
                     best_score: float, optimizer: torch.optim.Optimizer | None = None,
-                    teacher: nn.Module | None = None) -> None:
+                    teacher: nn.Module | None = None, learning_status: dict | None = None) -> None:
     """Write a checkpoint atomically: model and optimiser state, progress (``epoch`` epochs done,
-    ``iteration`` steps done), best validation score, RNG states, the resolved config and the EMA teacher
-    if there is one."""
+    ``iteration`` steps done), best validation score, RNG states, the resolved config, and the EMA teacher
+    and FlexMatch's learning status if there are."""
     state: dict[str, Any] = {
         "model": model.state_dict(),
         "epoch": epoch,
@@ -206,6 +206,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, args: TrainArgs, epoch: int
         state["optimizer"] = optimizer.state_dict()
     if teacher is not None:
         state["teacher"] = teacher.state_dict()
+    if learning_status is not None:
+        state["learning_status"] = learning_status
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     with atomic_path(path) as tmp:

@@ -40,7 +40,7 @@ from diffmatch.model import (
     save_checkpoint,
     use_bf16,
 )
-from diffmatch.step import compute_losses, ema_update, to_device, uses_every_parameter
+from diffmatch.step import LearningStatus, compute_losses, ema_update, to_device, uses_every_parameter
 
 
 # ----------------------------------------------------------------------------- data (§3.1)
@@ -189,9 +189,11 @@ def train(args: TrainArgs) -> dict[str, float]:
     optimizer = build_optimizer(net, args.optim)
     iters_per_epoch = len(loaders.x)
     total_iters = min(args.epochs * iters_per_epoch, args.max_iters or args.epochs * iters_per_epoch)
+    semi = args.method != "supervised"
     teacher = None
-    if args.loss.ema_teacher > 0 and args.method != "supervised":
+    if args.loss.ema_teacher > 0 and semi:
         teacher = copy.deepcopy(net).eval().requires_grad_(False)  # Mean Teacher: pseudo labels of L_u, L_c
+    status = LearningStatus(len(split.unlabeled)) if args.loss.class_thresholds and semi else None
 
     epoch, iteration, best = 0, 0, -1.0
     if args.resume:
@@ -201,6 +203,8 @@ def train(args: TrainArgs) -> dict[str, float]:
         optimizer.load_state_dict(state["optimizer"])
         if teacher is not None:
             load_state(teacher, state["teacher"], out / "last.pt")
+        if status is not None:
+            status.load_state_dict(state["learning_status"])
         epoch, iteration, best = state["epoch"], state["iteration"], state["best_score"]
         torch.set_rng_state(state["rng"].cpu())
         if device.type == "cuda" and "cuda_rng" in state:
@@ -231,24 +235,26 @@ def train(args: TrainArgs) -> dict[str, float]:
         for x, u, u2 in zip(*streams, strict=False):
             for group in optimizer.param_groups:
                 group["lr"] = losses.poly_lr(group["base_lr"], iteration, total_iters, args.optim.poly_power)
-            lambda_vl = losses.lambda_vl_at(iteration, total_iters, args.loss.lambda_vl)
-            method = args.method if iteration >= args.loss.warmup_iters else "supervised"  # warm-up: L_s only
-            ramp = losses.rampup(iteration, args.loss.warmup_iters, args.loss.rampup_iters)
+            lambda_vl = losses.lambda_vl_at(iteration, total_iters, args.loss.lambda_vl)  # over the whole run
+            weight = losses.pseudo_label_weight(iteration, args.loss.warmup_iters, args.loss.rampup_iters)
+            if teacher is not None and iteration == args.loss.warmup_iters:
+                teacher.load_state_dict(net.state_dict())  # the teacher starts from the student
             x, u, u2 = to_device(x, device), to_device(u, device), to_device(u2, device)
             with autocast(device, amp):
-                step = compute_losses(model, method, x, u, u2, args.loss, lambda_vl, teacher=teacher,
-                                      unsup_weight=ramp)
+                step = compute_losses(model, args.method, x, u, u2, args.loss, lambda_vl, teacher=teacher,
+                                      unsup_weight=weight, status=status)
             optimizer.zero_grad(set_to_none=True)
             step.total.backward()
             optimizer.step()
-            if teacher is not None:
-                ema_update(teacher, net, args.loss.ema_teacher, iteration)
+            if teacher is not None and weight > 0:
+                ema_update(teacher, net, args.loss.ema_teacher, iteration - args.loss.warmup_iters)
             iteration += 1
             if main_process and (iteration % args.log_every == 0 or iteration == total_iters):
                 terms = {k: round(float(v.detach()), 5) for k, v in step.terms._asdict().items()}
                 record = {"iteration": iteration, "epoch": epoch, "loss": round(float(step.total.detach()), 5),
                           **{f"loss_{k}": v for k, v in terms.items()}, "lr": optimizer.param_groups[0]["lr"],
-                          "lambda_vl": lambda_vl, "confident": round(float(step.confident), 4)}
+                          "lambda_vl": lambda_vl, "confident": round(float(step.confident), 4),
+                          "tau": [round(float(t), 4) for t in step.tau]}
                 append_metrics(out / "metrics.jsonl", record)
                 rate = (iteration - start_iter) / max(time.time() - start_time, 1e-9)
                 print(f"epoch {epoch + 1}/{args.epochs} it {iteration}/{total_iters} loss {record['loss']:.4f} "
@@ -258,7 +264,8 @@ def train(args: TrainArgs) -> dict[str, float]:
                 board.log_step(iteration, record, optimizer, pairs_per_s=rate * args.batch_size * world)
             if iteration % args.eval_interval == 0 or iteration == total_iters:  # one schedule for all methods
                 if main_process:
-                    best = validate(args, net, val_set, device, amp, epoch, iteration, best, board)
+                    selectable = not semi or iteration > args.loss.warmup_iters or iteration == total_iters
+                    best = validate(args, net, val_set, device, amp, epoch, iteration, best, board, selectable)
                 if world > 1:
                     dist.barrier()
                 model.train()
@@ -268,16 +275,18 @@ def train(args: TrainArgs) -> dict[str, float]:
         if main_process and (iteration >= total_iters or time.time() - saved_at >= args.save_every):
             saved_at = time.time()
             save_checkpoint(out / "last.pt", model=net, args=args, epoch=epoch, iteration=iteration,
-                            best_score=best, optimizer=optimizer, teacher=teacher)
+                            best_score=best, optimizer=optimizer, teacher=teacher,
+                            learning_status=status.state_dict() if status is not None else None)
         if world > 1:
             dist.barrier()
     board.close()
-    return finish(args, net, device, amp, main_process, world)
+    return finish(args, net, device, amp, main_process, world, teacher)
 
 
 def validate(args: TrainArgs, net: nn.Module, val_set: torch.utils.data.Dataset, device: torch.device, amp: bool,
-             epoch: int, iteration: int, best: float, board: Board) -> float:
-    """Score the network on the selection split, record it, keep ``best.pt``; returns the best IoU^c."""
+             epoch: int, iteration: int, best: float, board: Board, selectable: bool = True) -> float:
+    """Score the network on the selection split and record it; when ``selectable`` (not during a warm-up),
+    keep it as ``best.pt`` if it is the best so far; returns the best IoU^c."""
     result = evaluate_model(net, val_set, device=device, tile=args.data.crop_size, amp=amp,
                             num_workers=min(args.num_workers, 2))
     score = result.scores["iou"]
@@ -285,25 +294,32 @@ def validate(args: TrainArgs, net: nn.Module, val_set: torch.utils.data.Dataset,
                                                     f"{args.select_on}": result.scores})
     print(format_scores(f"it {iteration} {args.select_on}", result.scores), flush=True)
     board.log_evaluation(iteration, result.scores, net)
-    if score > best:
-        save_checkpoint(args.out_dir / "best.pt", model=net, args=args, epoch=epoch, iteration=iteration,
-                        best_score=score)
-    return max(best, score)
+    if not selectable or score <= best:
+        return best
+    save_checkpoint(args.out_dir / "best.pt", model=net, args=args, epoch=epoch, iteration=iteration,
+                    best_score=score)
+    return score
 
 
 def finish(args: TrainArgs, net: nn.Module, device: torch.device, amp: bool, main_process: bool,
-           world: int) -> dict[str, float]:
-    """Evaluate the last weights and ``best.pt`` on the test split, print and record both; returns the
-    scores of ``best.pt`` (``test.json`` holds them, and the last weights' under ``last``)."""
+           world: int, teacher: nn.Module | None = None) -> dict[str, float]:
+    """Evaluate the last weights, the EMA teacher if any and ``best.pt`` on the test split, print and record
+    them; returns the scores of ``best.pt`` (``test.json`` holds them, the last weights' under ``last`` and
+    the teacher's under ``teacher``)."""
     scores: dict[str, float] = {}
     if main_process:
         test_set = eval_set(args.data, args.data.test_split)
         last = evaluate_model(net, test_set, device=device, tile=args.data.crop_size, amp=amp).scores
+        others = {"last": last}
+        if teacher is not None:
+            others["teacher"] = evaluate_model(teacher, test_set, device=device, tile=args.data.crop_size,
+                                               amp=amp).scores
+            print(format_scores(f"test of the EMA teacher ({len(test_set)} pairs)", others["teacher"]), flush=True)
         best_path = args.out_dir / "best.pt"
         load_state(net, load_checkpoint(best_path, device)["model"], best_path)
         scores = evaluate_model(net, test_set, device=device, tile=args.data.crop_size, amp=amp).scores
         write_json(args.out_dir / "test.json", {"checkpoint": str(best_path), "pairs": len(test_set), **scores,
-                                                "last": last})
+                                                **others})
         print(format_scores(f"test of the last weights ({len(test_set)} pairs)", last), flush=True)
         print(format_scores(f"test of best.pt ({len(test_set)} pairs)", scores), flush=True)
     if world > 1:

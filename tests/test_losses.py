@@ -10,12 +10,13 @@ from diffmatch.losses import (
     LossTerms,
     ceg_ce_mean,
     ceg_ce_sum_over_all,
-    class_thresholds,
     confidence_weight,
     contrastive_balanced,
     contrastive_weighted,
+    flexmatch_thresholds,
     lambda_vl_at,
     poly_lr,
+    pseudo_label_weight,
     rampup,
     supervised_ce,
     total_loss,
@@ -182,23 +183,34 @@ def test_total_loss_weights() -> None:
     assert total_loss(terms, lambda_c=0.1, lambda_vl=0.05).item() == pytest.approx(2.0)
     off = LossTerms(s=torch.tensor(1.0), u=torch.tensor(2.0), c=zero_like(terms.s), vl=zero_like(terms.s))
     assert total_loss(off, lambda_c=0.1, lambda_vl=0.1).item() == pytest.approx(1.5)
-    # a ramp-up weight of 0.5 scales L_u and L_c only: (1 + 0.5 * 2) / 2 + 0.5 * 0.1 * 3 + 0.05 * 4
-    assert total_loss(terms, lambda_c=0.1, lambda_vl=0.05, unsup_weight=0.5).item() == pytest.approx(1.35)
+    # a pseudo-label weight of 0.5 scales L_u (L_c's strong half is weighted where it is made):
+    # (1 + 0.5 * 2) / 2 + 0.1 * 3 + 0.05 * 4
+    assert total_loss(terms, lambda_c=0.1, lambda_vl=0.05, unsup_weight=0.5).item() == pytest.approx(1.5)
     assert zero_like(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
 
 
-def test_class_thresholds_lower_the_rarely_confident_class() -> None:
-    # Three confident "no change" pixels, one confident "change" pixel: β = (1, 1/3).
-    conf = torch.tensor([[0.99, 0.97, 0.96, 0.96, 0.60, 0.50]])
-    pseudo = torch.tensor([[0, 0, 0, 1, 1, 0]])
-    valid = torch.tensor([[True, True, True, True, True, False]])
-    tau = class_thresholds(conf, pseudo, valid, 0.95)
-    low = 0.95 * (1 / 3) / (2 - 1 / 3)  # FlexMatch's convex mapping: 0.19
-    torch.testing.assert_close(tau, torch.tensor([[0.95, 0.95, 0.95, low, low, 0.95]]))
-    weight = confidence_weight(conf, valid, tau)
-    assert weight.tolist() == [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]  # the unsure change pixel now counts
-    # Equally confident classes keep τ, and so does a batch without any pixel above τ.
-    even = class_thresholds(conf, torch.tensor([[0, 1, 0, 1, 0, 1]]), valid, 0.95)
-    assert torch.isfinite(even).all() and float(even.max()) == pytest.approx(0.95)
-    none = class_thresholds(torch.full((1, 6), 0.5), pseudo, valid, 0.95)
-    torch.testing.assert_close(none, torch.full((1, 6), 0.95))
+def test_flexmatch_thresholds_give_a_rare_but_learnt_class_a_threshold_near_tau() -> None:
+    # Over the set: 960 pixels predicted "no change", all above τ (r = 1); 40 predicted "change", 32 above
+    # τ (r = 0.8); every sample seen. β = (1, 0.8); τ_c = 0.95 * 0.8 / 1.2.
+    tau = flexmatch_thresholds(torch.tensor([960, 32]), torch.tensor([960, 40]), 0.0, 0.95)
+    torch.testing.assert_close(tau, torch.tensor([0.95, 0.95 * 0.8 / 1.2]))
+    assert 0.95 / 2 < float(tau[1]) < 0.95  # not its pixel share (32 / 960 would give 0.016)
+    # Half the set unseen does not change β while the best class is at r = 1 ...
+    torch.testing.assert_close(flexmatch_thresholds(torch.tensor([960, 32]), torch.tensor([960, 40]), 0.5, 0.95),
+                               tau)
+    # ... but FlexMatch's warm-up divides by the unseen share while it is the larger: r = (0.4, 0.2),
+    # 90 % unseen -> β = (0.4 / 0.9, 0.2 / 0.9).
+    warm = flexmatch_thresholds(torch.tensor([40, 2]), torch.tensor([100, 10]), 0.9, 0.95)
+    beta = torch.tensor([0.4 / 0.9, 0.2 / 0.9])
+    torch.testing.assert_close(warm, 0.95 * beta / (2 - beta))
+    # A class never predicted has r = 0 and threshold 0; nothing at all seen gives 0 everywhere, not NaN.
+    assert flexmatch_thresholds(torch.tensor([5, 0]), torch.tensor([10, 0]), 0.0, 0.95).tolist()[1] == 0.0
+    assert flexmatch_thresholds(torch.zeros(2), torch.zeros(2), 1.0, 0.95).tolist() == [0.0, 0.0]
+
+
+def test_pseudo_label_weight_is_zero_during_the_warmup_then_ramps_up() -> None:
+    assert pseudo_label_weight(99, 100, 0) == 0.0
+    assert pseudo_label_weight(100, 100, 0) == 1.0
+    assert pseudo_label_weight(100, 100, 50) == pytest.approx(math.exp(-5))
+    assert pseudo_label_weight(150, 100, 50) == 1.0
+    assert pseudo_label_weight(0, 0, 0) == 1.0  # the paper: every term from the first iteration

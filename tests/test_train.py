@@ -16,12 +16,13 @@ import torch.distributed as dist
 from conftest import write_pair, write_training_set
 from torch import nn
 
+from diffmatch import losses
 from diffmatch import train as train_module
 from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs, to_dict
 from diffmatch.data import LabeledSample, UnlabeledSample
 from diffmatch.files import InputError
 from diffmatch.model import build_model, load_checkpoint
-from diffmatch.step import compute_losses, ema_update, uses_every_parameter
+from diffmatch.step import LearningStatus, compute_losses, ema_update, uses_every_parameter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,25 +89,84 @@ def test_every_method_evaluates_on_the_same_iteration_schedule(data_root: Path, 
         assert test.keys() >= {"iou", "f1", "checkpoint", "pairs"}
 
 
-def test_warmup_trains_with_the_labelled_loss_alone(data_root: Path, tmp_path: Path) -> None:
+def test_warmup_holds_back_only_the_pseudo_label_terms(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train_module.train(tiny_args(data_root, out, max_iters=4, loss=LossConfig(tau=0.0, warmup_iters=2)))
+    loss = LossConfig(tau=0.0, warmup_iters=2)
+    train_module.train(tiny_args(data_root, out, max_iters=4, eval_interval=1, loss=loss))
     steps = [r for r in records(out) if "loss" in r]
-    for r in steps[:2]:
-        assert r["loss_s"] > 0 and r["loss_u"] == r["loss_c"] == r["loss_vl"] == 0, r
-        assert r["loss"] == pytest.approx(r["loss_s"], abs=1e-4)  # L_s alone, not (L_s + L_u) / 2
+    for r in steps[:2]:  # L_s, the labelled half of L_c and the CEG guidance train; L_u waits
+        assert r["loss_s"] > 0 and r["loss_c"] > 0 and r["loss_vl"] > 0 and r["loss_u"] == 0, r
+        expected = r["loss_s"] / 2 + loss.lambda_c * r["loss_c"] + r["lambda_vl"] * r["loss_vl"]  # Eq. 1, 15
+        assert r["loss"] == pytest.approx(expected, abs=1e-4), r
     for r in steps[2:]:
         assert r["loss_u"] > 0 and r["loss_c"] > 0 and r["loss_vl"] > 0, r
+    assert [r["lambda_vl"] for r in steps] == pytest.approx([0.1 * (1 - i / 4) for i in range(4)])  # the whole run
+    assert load_checkpoint(out / "best.pt")["iteration"] > 2  # best.pt is picked after the warm-up only
 
 
-def test_rampup_weighs_the_consistency_terms_from_the_end_of_the_warmup(data_root: Path, tmp_path: Path) -> None:
+def test_warmup_step_has_the_labelled_half_of_the_contrastive_term_alone() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", decoder_channels=8))
+    x, u, u2 = random_batches()
+    cfg = LossConfig(tau=0.0)
+    held = compute_losses(model, "diffmatch", x, u, u2, cfg, 0.1, unsup_weight=0.0)
+    out = model(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=False)
+    labelled = losses.contrastive_balanced(out.distance[:2], x.label, cfg.margin)
+    held_terms = held.terms._replace(**{k: v.detach() for k, v in held.terms._asdict().items()})
+    labelled = labelled.detach()
+    assert float(held_terms.u) == 0.0 and float(held.confident) == 0.0
+    assert float(held_terms.c) == pytest.approx(float(labelled) / 2, rel=1e-5)
+    assert float(held_terms.vl) > 0
+    full = compute_losses(model, "diffmatch", x, u, u2, cfg, 0.1, unsup_weight=1.0).terms
+    assert float(full.u.detach()) > 0 and float(full.c.detach()) > float(held_terms.c)
+
+
+def test_rampup_weighs_the_pseudo_label_terms_from_the_end_of_the_warmup(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    loss = LossConfig(tau=0.0, warmup_iters=1, rampup_iters=2, lambda_vl=0.0)
+    loss = LossConfig(tau=0.0, warmup_iters=1, rampup_iters=2, lambda_vl=0.0, contrastive=False)
     train_module.train(tiny_args(data_root, out, max_iters=4, log_every=1, loss=loss))
     steps = [r for r in records(out) if "loss" in r]
     for r, weight in zip(steps[1:], (math.exp(-5), math.exp(-5 / 4), 1.0), strict=True):
-        expected = (r["loss_s"] + weight * r["loss_u"]) / 2 + weight * loss.lambda_c * r["loss_c"]
+        expected = (r["loss_s"] + weight * r["loss_u"]) / 2
         assert r["loss"] == pytest.approx(expected, abs=1e-4), r
+
+
+def test_ema_teacher_starts_as_the_student_when_pseudo_labels_start(data_root: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    calls = []
+    real = train_module.compute_losses
+
+    def spy(model: nn.Module, *args: object, **kwargs: object) -> object:
+        teacher, weight = kwargs["teacher"], kwargs["unsup_weight"]
+        same = all(torch.equal(t, s) for t, s in zip(teacher.state_dict().values(), model.state_dict().values(),
+                                                      strict=True))
+        calls.append((weight, same))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_losses", spy)
+    loss = LossConfig(ema_teacher=0.9, warmup_iters=2)
+    train_module.train(tiny_args(data_root, tmp_path / "run", method="fixmatch", max_iters=5, loss=loss))
+    assert [w for w, _ in calls] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert calls[2][1] is True  # a copy of the student at its start, not an average of the warm-up's iterates
+    assert calls[3][1] is True  # d = min(0.9, 1 - 1 / 1) = 0 at its first update
+    assert calls[4][1] is False  # then it trails the student (d = 0.5)
+
+
+def test_learning_status_is_kept_per_sample_over_the_set() -> None:
+    status = LearningStatus(4)
+    conf = torch.tensor([[[0.99, 0.99, 0.99, 0.60]], [[0.99, 0.99, 0.70, 0.99]]])
+    label = torch.tensor([[[0, 0, 0, 1]], [[0, 0, 1, 1]]])
+    valid = torch.ones_like(label, dtype=torch.bool)
+    status.update(torch.tensor([0, 2]), conf, label, valid, 0.95)
+    # predicted (0, 1): 3 + 2 and 1 + 2 pixels; confident: 3 + 2 and 0 + 1; half the set unseen
+    torch.testing.assert_close(status.thresholds(0.95),
+                               losses.flexmatch_thresholds(torch.tensor([5, 1]), torch.tensor([5, 3]), 0.5, 0.95))
+    status.update(torch.tensor([0]), torch.full((1, 1, 4), 0.99), torch.zeros(1, 1, 4, dtype=torch.long),
+                  valid[:1], 0.95)  # sample 0 seen again: its latest prediction replaces the first
+    assert status.counts[0].tolist() == [[4, 0], [4, 0]]
+    restored = LearningStatus(4)
+    restored.load_state_dict(status.state_dict())
+    torch.testing.assert_close(restored.thresholds(0.95), status.thresholds(0.95))
 
 
 def test_ema_teacher_is_checkpointed_and_resumes(data_root: Path, tmp_path: Path, monkeypatch) -> None:
@@ -214,7 +274,7 @@ def random_batches(n: int = 2, size: int = 32) -> tuple[LabeledSample, Unlabeled
 
     x = LabeledSample(image(), image(), mask(), mask(), mask(), mask())
     u, u2 = (UnlabeledSample(image(), image(), image(), image(), torch.zeros(n, size, size, dtype=torch.long),
-                             mask(), mask(), mask(), mask()) for _ in range(2))
+                             mask(), mask(), mask(), mask(), torch.arange(n)) for _ in range(2))
     return x, u, u2
 
 
