@@ -51,7 +51,7 @@ class Args:
 
     parts: tuple[Part, ...] = ("ceg", "data", "train", "inference")
     """Benchmarks to run; ``methods`` trains the methods to the end and compares their test scores
-    (README §7)."""
+    (docs/benchmark.md)."""
     methods: tuple[Method, ...] | None = None
     """Methods whose training iteration is timed (None: diffmatch) and that ``methods`` compares (None:
     supervised, fixmatch, diffmatch)."""
@@ -323,7 +323,7 @@ def main(args: Args) -> dict:
     if set(args.parts) != {"methods"}:
         print(format_table(results))
     if "methods" in results:
-        print(comparison.format_summary(results["methods"]["summary"]))
+        print(comparison.format_summary(results["methods"]["summary"], results["methods"]["pairs"]))
     write_json(args.out, report)
     say(f"wrote {args.out}")
     return report

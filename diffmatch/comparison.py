@@ -1,5 +1,5 @@
 """Supervised, FixMatch and DiffMatch trained with one budget over several seeds: the paper's claim
-(Tables 2–3) measured on a synthetic set a CPU can train on (README §7). Run by
+(Tables 2–3) measured on a synthetic set a CPU can train on (docs/benchmark.md). Run by
 ``python -m diffmatch.bench --parts methods`` and, smaller, by ``python -m diffmatch.demo``.
 """
 
@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import io
 import json
+import math
 import multiprocessing
 import statistics
 import sys
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from scipy import stats
 
 from diffmatch import ceg, pretrain, synthetic
 from diffmatch.config import Backbone, DataConfig, LossConfig, Method, ModelConfig, TrainArgs
@@ -23,18 +25,21 @@ from diffmatch.files import read_id_list
 from diffmatch.train import train
 
 METHODS: tuple[Method, ...] = ("supervised", "fixmatch", "diffmatch")
+PAIRS: tuple[tuple[Method, Method], ...] = (("fixmatch", "supervised"), ("diffmatch", "fixmatch"),
+                                            ("diffmatch", "supervised"))
+"""The paired differences the comparison reports (the paper's order: DiffMatch > FixMatch > supervised)."""
 
 
 def regime_loss() -> LossConfig:
-    """The paper's loss settings with the remedies a short CPU budget needs (README §7): a supervised
-    warm-up, an EMA teacher, BatchNorm statistics from the weak views and FlexMatch's class-wise
-    thresholds."""
+    """The paper's loss settings with the remedies a short CPU budget needs (docs/benchmark.md): a warm-up
+    of the pseudo-label terms, an EMA teacher, BatchNorm statistics from the weak views and FlexMatch's
+    class-wise thresholds."""
     return LossConfig(warmup_iters=100, ema_teacher=0.99, weak_bn_stats=True, class_thresholds=True)
 
 
 @dataclass
 class Regime:
-    """One training budget for every method and seed (README §7)."""
+    """One training budget for every method and seed (docs/benchmark.md)."""
 
     pairs: int = 1500
     """Synthetic pairs when no data set is given (``val_fraction`` val, ``test_fraction`` test, the rest
@@ -127,17 +132,18 @@ def run_args(root: Path, method: Method, seed: int, regime: Regime, out_dir: Pat
 
 
 def run_method(args: TrainArgs) -> dict:
-    """Train one run (or read its finished ``test.json``); the test scores of ``best.pt`` and the last
-    weights."""
+    """Train one run (or read its finished ``test.json``); the test scores of ``best.pt``, the last weights
+    and the EMA teacher if there is one."""
     done = args.out_dir / "test.json"
     if not done.is_file():
         if (args.out_dir / "last.pt").is_file():
             args = replace(args, resume=True)
         with contextlib.redirect_stdout(sys.stderr):
             train(args)
-    test = json.loads(done.read_text())
-    return {"best": {k: test[k] for k in ("iou", "f1", "precision", "recall")},
-            "last": {k: test["last"][k] for k in ("iou", "f1", "precision", "recall")}}
+    test, keys = json.loads(done.read_text()), ("iou", "f1", "precision", "recall")
+    return {"best": {k: test[k] for k in keys},
+            **{which: {k: test[which][k] for k in keys} for which in ("last", "teacher") if which in test},
+            **{k: test[k] for k in ("train_seconds",) if k in test}}
 
 
 def _run_in_process(args: TrainArgs, threads: int) -> dict:
@@ -172,13 +178,17 @@ def compare(root: Path, runs: Path, *, methods: tuple[Method, ...] = METHODS, se
             futures = {(m, s): pool.submit(_run_in_process, args, threads) for m, s, args in todo}
             for (method, seed), future in futures.items():
                 results[method][str(seed)] = future.result()
-    return {"runs": results, "summary": {m: summarise(r) for m, r in results.items()}}
+    return {"runs": results, "summary": {m: summarise(r) for m, r in results.items()},
+            "pairs": paired_differences(results)}
 
 
 def summarise(runs: dict[str, dict]) -> dict:
-    """Mean and sample standard deviation (0 for one run) of each score over the seeds."""
+    """Mean and sample standard deviation (0 for one run) of each score over the seeds, for ``best.pt``, the
+    last weights and, where every run has one, the EMA teacher."""
     out: dict = {}
-    for which in ("best", "last"):
+    for which in ("best", "last", "teacher"):
+        if not runs or not all(which in r for r in runs.values()):
+            continue
         for key in ("iou", "f1"):
             values = [r[which][key] for r in runs.values()]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -186,9 +196,30 @@ def summarise(runs: dict[str, dict]) -> dict:
     return out
 
 
-def format_summary(summary: dict) -> str:
-    """One line per method: its name, then test IoU^c and F1^c of ``best.pt`` as mean ± std, then those of
-    the last weights."""
+def paired_difference(a: dict[str, dict], b: dict[str, dict], *, which: str = "best", key: str = "iou") -> dict:
+    """Per-seed differences a - b of a score over the seeds both have, their mean and its 95 % t-interval
+    (``low`` and ``high`` are None for fewer than two seeds)."""
+    seeds = sorted(set(a) & set(b), key=int)
+    diffs = [a[seed][which][key] - b[seed][which][key] for seed in seeds]
+    mean = statistics.fmean(diffs) if diffs else float("nan")
+    low = high = None
+    if len(diffs) > 1:
+        half = float(stats.t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        low, high = mean - half, mean + half
+    return {"mean": mean, "low": low, "high": high, "n": len(diffs), "per_seed": dict(zip(seeds, diffs, strict=True))}
+
+
+def paired_differences(runs: dict[str, dict[str, dict]]) -> dict:
+    """``fixmatch-supervised``, ``diffmatch-fixmatch`` and ``diffmatch-supervised`` (where both methods ran):
+    the paired IoU^c differences of ``best.pt`` and of the last weights."""
+    return {f"{a}-{b}": {which: paired_difference(runs[a], runs[b], which=which) for which in ("best", "last")}
+            for a, b in PAIRS if runs.get(a) and runs.get(b)}
+
+
+def format_summary(summary: dict, pairs: dict | None = None) -> str:
+    """One line per method: its name, then test IoU^c and F1^c of ``best.pt`` as mean ± std, then the last
+    weights' IoU^c; below them one line per paired difference: mean and 95 % t-interval of the IoU^c
+    difference of ``best.pt``, then of the last weights."""
     lines = []
     for method, s in summary.items():
         best, last = s["best"], s["last"]
@@ -196,4 +227,12 @@ def format_summary(summary: dict) -> str:
                      f"F1^c {best['f1']['mean']:5.1f} ± {best['f1']['std']:4.1f}   "
                      f"(last weights: IoU^c {last['iou']['mean']:5.1f} ± {last['iou']['std']:4.1f}, "
                      f"{best['iou']['n']} seed{'s' if best['iou']['n'] > 1 else ''})")
+
+    def interval(d: dict) -> str:
+        span = "n/a" if d["low"] is None else f"[{d['low']:+.1f}, {d['high']:+.1f}]"
+        return f"{d['mean']:+5.1f}, 95 % CI {span}"
+
+    for name, d in (pairs or {}).items():
+        lines.append(f"{name:<20} IoU^c {interval(d['best'])}   (last weights: {interval(d['last'])}; "
+                     f"{d['best']['n']} paired seeds)")
     return "\n".join(lines)

@@ -254,7 +254,7 @@ def train(args: TrainArgs) -> dict[str, float]:
                 record = {"iteration": iteration, "epoch": epoch, "loss": round(float(step.total.detach()), 5),
                           **{f"loss_{k}": v for k, v in terms.items()}, "lr": optimizer.param_groups[0]["lr"],
                           "lambda_vl": lambda_vl, "confident": round(float(step.confident), 4),
-                          "tau": [round(float(t), 4) for t in step.tau]}
+                          "tau_no_change": round(float(step.tau[0]), 4), "tau_change": round(float(step.tau[1]), 4)}
                 append_metrics(out / "metrics.jsonl", record)
                 rate = (iteration - start_iter) / max(time.time() - start_time, 1e-9)
                 print(f"epoch {epoch + 1}/{args.epochs} it {iteration}/{total_iters} loss {record['loss']:.4f} "
@@ -280,7 +280,8 @@ def train(args: TrainArgs) -> dict[str, float]:
         if world > 1:
             dist.barrier()
     board.close()
-    return finish(args, net, device, amp, main_process, world, teacher)
+    timing = {"train_seconds": round(time.time() - start_time, 1), "from_iteration": start_iter}
+    return finish(args, net, device, amp, main_process, world, teacher, timing)
 
 
 def validate(args: TrainArgs, net: nn.Module, val_set: torch.utils.data.Dataset, device: torch.device, amp: bool,
@@ -302,10 +303,11 @@ def validate(args: TrainArgs, net: nn.Module, val_set: torch.utils.data.Dataset,
 
 
 def finish(args: TrainArgs, net: nn.Module, device: torch.device, amp: bool, main_process: bool,
-           world: int, teacher: nn.Module | None = None) -> dict[str, float]:
+           world: int, teacher: nn.Module | None = None, timing: dict | None = None) -> dict[str, float]:
     """Evaluate the last weights, the EMA teacher if any and ``best.pt`` on the test split, print and record
     them; returns the scores of ``best.pt`` (``test.json`` holds them, the last weights' under ``last`` and
-    the teacher's under ``teacher``)."""
+    the teacher's under ``teacher``, and ``timing``: the wall seconds of the training loop in this process,
+    from the iteration it started at)."""
     scores: dict[str, float] = {}
     if main_process:
         test_set = eval_set(args.data, args.data.test_split)
@@ -319,7 +321,7 @@ def finish(args: TrainArgs, net: nn.Module, device: torch.device, amp: bool, mai
         load_state(net, load_checkpoint(best_path, device)["model"], best_path)
         scores = evaluate_model(net, test_set, device=device, tile=args.data.crop_size, amp=amp).scores
         write_json(args.out_dir / "test.json", {"checkpoint": str(best_path), "pairs": len(test_set), **scores,
-                                                **others})
+                                                **others, **(timing or {})})
         print(format_scores(f"test of the last weights ({len(test_set)} pairs)", last), flush=True)
         print(format_scores(f"test of best.pt ({len(test_set)} pairs)", scores), flush=True)
     if world > 1:

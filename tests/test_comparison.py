@@ -52,9 +52,30 @@ def test_summary_over_seeds_by_hand() -> None:
     assert s["last"]["iou"]["std"] == 0.0
     one = summarise({"3": runs["0"]})
     assert one["best"]["f1"] == {"mean": 20.0, "std": 0.0, "n": 1}
+    assert "teacher" not in s
     lines = format_summary({"supervised": one, "diffmatch": s}).splitlines()
     assert lines[0].startswith("supervised  IoU^c  10.0 ±  0.0   F1^c  20.0 ±  0.0")
     assert lines[1].startswith("diffmatch   IoU^c  12.0 ±  2.8") and lines[1].endswith("2 seeds)")
+
+
+def test_paired_differences_by_hand() -> None:
+    def run(iou: float, last: float) -> dict:
+        return {"best": {"iou": iou, "f1": 0.0}, "last": {"iou": last, "f1": 0.0}}
+
+    sup = {"0": run(40, 40), "1": run(50, 44), "2": run(45, 45)}
+    fix = {"0": run(42, 41), "1": run(53, 44), "2": run(46, 48), "7": run(99, 99)}  # seed 7 has no pair
+    d = comparison.paired_difference(fix, sup)
+    assert d["per_seed"] == {"0": 2, "1": 3, "2": 1} and d["n"] == 3 and d["mean"] == pytest.approx(2.0)
+    half = 4.302653 * 1.0 / 3**0.5  # t(0.975, 2) * sample std of (2, 3, 1) / sqrt(3)
+    assert (d["low"], d["high"]) == (pytest.approx(2 - half, abs=1e-5), pytest.approx(2 + half, abs=1e-5))
+    pairs = comparison.paired_differences({"supervised": sup, "fixmatch": fix})
+    assert list(pairs) == ["fixmatch-supervised"]
+    assert pairs["fixmatch-supervised"]["last"]["mean"] == pytest.approx(4 / 3)
+    lone = comparison.paired_difference({"0": run(1, 1)}, {"0": run(0, 0)})
+    assert lone["low"] is None and lone["high"] is None
+    line = format_summary({}, pairs).splitlines()[0]
+    assert line.startswith("fixmatch-supervised  IoU^c  +2.0, 95 % CI [-0.5, +4.5]")
+    assert line.endswith("3 paired seeds)")
 
 
 def test_bench_methods_prints_one_line_per_method(tmp_path: Path) -> None:
@@ -68,14 +89,17 @@ def test_bench_methods_prints_one_line_per_method(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["supervised", "fixmatch", "diffmatch"]
+    assert [line.split()[0] for line in lines] == ["supervised", "fixmatch", "diffmatch", "fixmatch-supervised",
+                                                   "diffmatch-fixmatch", "diffmatch-supervised"]
     report = json.loads(out.read_text())["results"]["methods"]
     assert set(report["runs"]["diffmatch"]) == {"0", "1"}
     assert report["summary"]["fixmatch"]["best"]["iou"]["n"] == 2
+    assert report["pairs"]["diffmatch-supervised"]["best"]["n"] == 2
+    assert "teacher" in report["runs"]["fixmatch"]["0"]  # the regime's EMA teacher, tested at the end
     for method in ("supervised", "fixmatch", "diffmatch"):
         config = json.loads((tmp_path / "runs" / f"{method}-seed1" / "config.json").read_text())
         assert config["max_iters"] == 2 and config["eval_interval"] == 1 and config["seed"] == 1
-        assert config["model"]["weights"].endswith("encoder-resnet18-2x1.pt")
+        assert config["model"]["weights"].endswith("encoder-resnet18-2x1-no-buildings.pt")
 
 
 @pytest.mark.parametrize(("method", "labelled"), [("supervised", 35), ("diffmatch", 35), ("supervised", 3)])
