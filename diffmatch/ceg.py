@@ -416,7 +416,8 @@ def _print_table(table: dict) -> None:
 def main(args: Args) -> dict | None:
     """Write the CEG outputs of every pair; return (and save) the metrics when labels exist."""
     if not (args.root / "vlm").is_dir():
-        raise InputError(f"{args.root / 'vlm'}: not found; --root must hold vlm/A and vlm/B")
+        raise InputError(f"{args.root / 'vlm'}: not found; --root must hold vlm/A and vlm/B: write them with "
+                         f"`python -m diffmatch.vlm_run --root {args.root}` (open models) or APE (see the README)")
     if args.workers < 1:
         raise InputError(f"--workers {args.workers}: must be at least 1")
     concepts(args.ceg)  # fail early on unknown class names

@@ -33,6 +33,9 @@ def list_ids(root: Path, split: str) -> list[str]:
     if not root.is_dir():
         raise InputError(f"{root}: data set root not found; pass --data.root with A/, B/ and label/")
     if (root / "list").is_dir():
+        if split in ("val", "test") and not (root / "list" / f"{split}.txt").is_file():
+            raise InputError(f"{root / 'list' / split}.txt: list file not found; hold out whole source images for "
+                             "val and test with `python -m diffmatch.prepare folder ... --holdout val=0.1,test=0.2`")
         return read_id_list(root / "list" / f"{split}.txt")
     folder = root / "A"
     ids = sorted(images_in(folder))
@@ -305,6 +308,15 @@ def eval_ids(data: DataConfig, split: str) -> list[str]:
     if data.split_dir is not None and (split_folder(data.split_dir) / f"{split}.txt").exists():
         return read_id_list(split_folder(data.split_dir) / f"{split}.txt")
     return list_ids(data.root, split)
+
+
+def leak_warning(labelled: list[str], ids: list[str], split: str) -> str | None:
+    """One warning line when labelled training ids are also in the evaluation split ``split``, else None."""
+    shared = sorted(set(labelled) & set(ids))
+    if not shared:
+        return None
+    return (f"warning: {len(shared)} labelled training id(s) are also in the {split} split (e.g. {shared[0]}): its "
+            "scores are not held-out; split whole scenes apart (prepare folder --holdout)")
 
 
 def eval_set(data: DataConfig, split: str) -> EvalSet:

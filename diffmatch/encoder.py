@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -99,6 +100,21 @@ def _dilate_basic_stage(stage: nn.Sequential) -> None:
             conv.dilation, conv.padding = (2, 2), (2, 2)
 
 
+def read_torch_file(path: Path, *, what: str, fix: str, device: torch.device | str = "cpu") -> Any:
+    """The contents of a file written by ``torch.save`` (``what``: "checkpoint", ...), loaded with
+    ``weights_only=True`` (no code runs from the file); a missing, empty, truncated or foreign file is one
+    ``InputError`` naming it and ``fix``."""
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found; {fix}")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes; an interrupted copy?), not a readable {what}; {fix}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # pickle, zip and unpickler errors come in many types, some without a message
+        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise InputError(f"{path}: not a readable {what} ({reason[:100]}); {fix}") from None
+
+
 def load_resnet_weights(encoder: nn.Module, path: Path) -> None:
     """Load a local ResNet state dict (torchvision keys) into ``encoder``.
 
@@ -106,12 +122,8 @@ def load_resnet_weights(encoder: nn.Module, path: Path) -> None:
     prefixes; ``fc.*`` keys are ignored. Missing and unexpected keys are reported on one warning line;
     a missing file, an unreadable file, no matching key or a shape mismatch raises ``InputError``.
     """
-    if not path.is_file():
-        raise InputError(f"{path}: weights file not found; pass 'none', 'imagenet' or a ResNet state dict")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle and zip errors come in many types
-        raise InputError(f"{path}: cannot read the weights ({err}); save a plain state dict") from None
+    state = read_torch_file(path, what="weights file",
+                            fix="pass 'none', 'imagenet' or a ResNet state dict saved with torch.save")
     state = _drop_fc(_strip_prefixes(_unwrap(state, path)))
     if any(key.startswith("stem.") for key in state):
         raise InputError(f"{path}: a deep-stem ResNet (ResNet-V1c, as mmseg's and the authors' checkpoints) does "

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 from diffmatch import augment
 from diffmatch.augment import MEAN, STD
 from diffmatch.config import DataConfig
-from diffmatch.data import EvalSet, eval_set
-from diffmatch.files import InputError, Progress, atomic_path, write_json
+from diffmatch.data import EvalSet, eval_set, leak_warning
+from diffmatch.files import InputError, Progress, atomic_path, read_id_list, write_json
 from diffmatch.metrics import Confusion, confusion, format_scores, scores
 from diffmatch.model import autocast, model_from_checkpoint, pick_device
 from diffmatch.png import write_png
@@ -232,6 +232,9 @@ def main(args: Args) -> dict[str, float]:
         check_eval_data(args.data, args.split)
     model, train_args = model_from_checkpoint(args.checkpoint, device)
     dataset = eval_set(args.data, args.split)
+    labelled = args.checkpoint.parent / "labeled.txt"  # written by train beside its checkpoints
+    if labelled.is_file() and (warning := leak_warning(read_id_list(labelled), dataset.ids, args.split)):
+        print(warning, file=sys.stderr, flush=True)
     result = evaluate_model(model, dataset, device=device, tile=args.tile or train_args.data.crop_size,
                             overlap=args.overlap, batch_size=args.batch_size, num_workers=args.num_workers,
                             amp=args.amp, vis_dir=args.save_vis, progress=True)

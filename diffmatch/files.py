@@ -67,13 +67,27 @@ def read_id_list(path: Path) -> list[str]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """An image as uint8 (H, W, 3); grey, palette, RGBA and 16-bit images are converted."""
+    """An image as uint8 (H, W, 3); grey, palette, RGBA, 16-bit and float images are converted (16-bit and
+    float scaled by their range, with a one-line notice on stderr for float)."""
     image = _open(path)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = max(float(array.max()), 1.0)
         image = Image.fromarray((array * (255.0 / top)).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(scale_float(np.asarray(image, dtype=np.float64), path))
     return np.asarray(image.convert("RGB"))
+
+
+def scale_float(array: np.ndarray, path: Path) -> np.ndarray:
+    """Float pixels as uint8: reflectances in [0, 1] times 255, any other range scaled by its maximum;
+    negative and non-finite values become 0. Says so in one line on stderr."""
+    array = np.where(np.isfinite(array), array, 0.0).clip(min=0.0)
+    top = float(array.max())
+    scale = 255.0 if top <= 1.0 else 255.0 / top
+    print(f"note: {path}: float pixels (0 to {top:.4g}) scaled to 0-255 by {scale:.4g}; convert to 8-bit "
+          "yourself to choose the scaling", file=sys.stderr, flush=True)
+    return (array * scale).round().clip(0, 255).astype(np.uint8)
 
 
 def read_label(path: Path, threshold: int | None = None, flag: str = "--label-threshold") -> np.ndarray:

@@ -10,8 +10,6 @@ optimiser (§4.1.2), the device and bf16 choice of every command, and the traini
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,7 +19,7 @@ from torch import Tensor, nn
 
 from diffmatch.config import Backbone, Distance, ModelConfig, OptimConfig, TrainArgs, from_dict, to_dict
 from diffmatch.decoders import DifferenceDecoder, SegmentationDecoder
-from diffmatch.encoder import SiameseEncoder
+from diffmatch.encoder import SiameseEncoder, read_torch_file
 from diffmatch.files import InputError, atomic_path
 
 
@@ -216,13 +214,8 @@ def save_checkpoint(path: Path, *, model: nn.Module, args: TrainArgs, epoch: int
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """A checkpoint's contents, loaded with ``weights_only=True`` (no code runs from the file)."""
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found; pass a last.pt or best.pt of a training run")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise InputError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]}); "
-                         "it may be truncated: use the run's other checkpoint or retrain") from None
+    fix = "pass the last.pt or best.pt of a training run (a truncated one: use the run's other checkpoint or retrain)"
+    state = read_torch_file(path, what="checkpoint", device=device, fix=fix)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise InputError(f"{path}: not a diffmatch checkpoint (no model or config); "
                          "train with python -m diffmatch.train")

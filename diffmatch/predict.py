@@ -203,6 +203,11 @@ def main(args: Args) -> list[Path]:
             write_output(outputs[-1], overlay_image(b, mask), geo)
         written.append(mask_path)
         progress.step()
+    kept = len(pairs) - len(written)
+    where = f"{len(written)} mask(s)" + (f" in {written[0].parent}" if written else "")
+    extra = " (with probability maps)" if args.probability else ""
+    extra += " (with overlays)" if args.overlay else ""
+    print(f"predict: wrote {where}{extra}" + (f"; {kept} pair(s) already done, kept" if kept else ""), flush=True)
     return written
 
 

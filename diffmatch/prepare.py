@@ -116,6 +116,12 @@ class FolderArgs:
     label_threshold: int | None = None
     """Binarise labels with values other than 0/255 or 0/1 (stray greys from an annotation tool, JPEG
     noise): value >= T is change. None: such a label stops the command, naming its values."""
+    holdout: str | None = None
+    """Hold out whole labelled source pairs for evaluation, e.g. ``val=0.1,test=0.2``: each goes with all its
+    tiles to ``list/val.txt``, ``list/test.txt`` or ``list/<list-name>.txt`` (a seeded draw, ``--seed``), so
+    no scene has tiles in two splits. None: every labelled tile in ``list/<list-name>.txt``."""
+    seed: int = 0
+    """Seed of the ``--holdout`` draw."""
     overwrite: bool = False
     """Rewrite tiles that already exist (default: skip finished pairs)."""
 
@@ -239,6 +245,8 @@ def prepare_whu(args: WhuArgs) -> dict[str, list[str]]:
         lists = {split: [flat[k] for k in sorted(part)] for split, part in zip(sizes, parts, strict=True)}
     for split, ids_ in lists.items():
         write_list(args.out, split, ids_)
+    counts = ", ".join(f"{len(ids_)} in list/{split}.txt" for split, ids_ in lists.items())
+    print(f"whu: wrote {len(flat)} tiles to {args.out}/{{A,B,label}} ({counts})")
     return lists
 
 
@@ -253,17 +261,54 @@ def read_split(split_dir: Path) -> dict[str, list[str]]:
     return lists
 
 
+def parse_holdout(text: str) -> dict[str, float]:
+    """``val=0.1,test=0.2`` as {"val": 0.1, "test": 0.2}; shares of val and test only, summing below 1."""
+    shares: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            shares[name.strip()] = float(value)
+        except ValueError:
+            shares[name.strip()] = -1.0
+    if not shares or set(shares) - {"val", "test"} or min(shares.values()) < 0 or sum(shares.values()) >= 1:
+        raise InputError(f"--holdout {text}: give shares of val and/or test that sum below 1, e.g. "
+                         "--holdout val=0.1,test=0.2")
+    return shares
+
+
+def holdout_splits(sources: list[dict[str, Path]], holdout: str | None, train: str, seed: int) -> list[str]:
+    """The list each labelled source pair goes to (``unlabeled`` for those without a label): whole pairs
+    drawn for val and test by ``seed``, at least one of each share above 0, the rest ``train``."""
+    names = [train if "label" in pair else "unlabeled" for pair in sources]
+    if holdout is None:
+        return names
+    shares, labelled = parse_holdout(holdout), [i for i, pair in enumerate(sources) if "label" in pair]
+    counts = {split: max(1, round(share * len(labelled))) for split, share in shares.items() if share > 0}
+    if sum(counts.values()) >= len(labelled):
+        raise InputError(f"--holdout {holdout}: {len(labelled)} labelled source pair(s) leave none for training; "
+                         "hold out smaller shares or add pairs")
+    order = [labelled[k] for k in np.random.default_rng(seed).permutation(len(labelled))]
+    start = 0
+    for split, count in counts.items():
+        for index in order[start:start + count]:
+            names[index] = split
+        start += count
+    return names
+
+
 def prepare_folder(args: FolderArgs) -> dict[str, list[str]]:
-    """Cut every pair of a folder into tiles; return the labelled and the unlabelled tile ids."""
+    """Cut every pair of a folder into tiles; return the tile ids of each list (labelled, unlabelled and,
+    with ``--holdout``, val and test)."""
     skip, hint = args.mismatch == "skip", " (or pass --mismatch skip)"
     scan = scan_pairs(args.src, need_label=False)
     if scan.missing and not skip:
         raise InputError(f"{scan.missing[0]}; add it{hint}")
+    splits = holdout_splits(scan.pairs, args.holdout, args.list_name, args.seed)
     for line in scan.missing:
         print(f"skipped: {line}", flush=True)
-    lists: dict[str, list[str]] = {args.list_name: [], "unlabeled": []}
+    lists: dict[str, list[str]] = {name: [] for name in dict.fromkeys([args.list_name, "unlabeled", *splits])}
     progress, mismatched, geo = Progress("folder", len(scan.pairs), "pairs"), 0, None
-    for sources in scan.pairs:
+    for sources, name in zip(scan.pairs, splits, strict=True):
         size = pair_size(sources, skip, hint=hint)
         if size is None:
             mismatched += 1
@@ -274,7 +319,6 @@ def prepare_folder(args: FolderArgs) -> dict[str, list[str]]:
         rows, cols = (size[0] + extra) // args.tile, (size[1] + extra) // args.tile
         stem = sources["A"].stem
         ids = [[f"{stem}_{r}_{c}" for c in range(cols)] for r in range(rows)]
-        name = args.list_name if "label" in sources else "unlabeled"
         lists[name] += write_tiles(args.out, sources, ids, args.tile, args.overwrite,
                                    label_threshold=args.label_threshold)
         progress.step()
@@ -283,6 +327,8 @@ def prepare_folder(args: FolderArgs) -> dict[str, list[str]]:
             write_list(args.out, name, ids_)
     written = [f"{len(ids_)} {'unlabelled' if name == 'unlabeled' else 'labelled'} tiles in list/{name}.txt"
                for name, ids_ in lists.items() if ids_]
+    if len(written) > 1:
+        written = [", ".join(written[:-1]), written[-1]]
     skipped = len(scan.missing) + mismatched
     print(f"folder: cut {len(scan.pairs) - mismatched} pairs into {' and '.join(written) or 'no tiles'}; skipped "
           f"{skipped} pair{'' if skipped == 1 else 's'} ({len(scan.missing)} missing a date, {mismatched} of "
@@ -293,13 +339,31 @@ def prepare_folder(args: FolderArgs) -> dict[str, list[str]]:
     return lists
 
 
+def check_out(src: Path, out: Path) -> None:
+    """Refuse an output folder that is the source folder or inside it (tiles would land among the sources,
+    and the next run would cut them again)."""
+    src, target = src.resolve(), out.resolve()
+    if target == src or src in target.parents:
+        raise InputError(f"--out {out}: inside --src {src}; the tiles would land among the sources: choose an "
+                         "--out outside --src")
+
+
 def main(args: LevirArgs | WhuArgs | FolderArgs) -> dict[str, list[str]]:
     """Run one subcommand; return the tile ids written per list."""
     if isinstance(args, WhuArgs):
         return prepare_whu(args)
     if not args.src.is_dir():
         raise InputError(f"{args.src}: folder not found; pass the data set folder as --src")
-    return prepare_levir(args) if isinstance(args, LevirArgs) else prepare_folder(args)
+    check_out(args.src, args.out)
+    if isinstance(args, LevirArgs):
+        lists = prepare_levir(args)
+        counts = ", ".join(f"{len(ids)} in list/{split}.txt" for split, ids in lists.items())
+        print(f"levir: wrote {sum(map(len, lists.values()))} tiles to {args.out}/{{A,B,label}} ({counts})")
+        return lists
+    if args.tile < 32:
+        raise InputError(f"--tile {args.tile}: must be at least 32 (the network's output stride is 16); "
+                         f"LEVIR-CD-like tiles are {TILE}")
+    return prepare_folder(args)
 
 
 if __name__ == "__main__":

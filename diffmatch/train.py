@@ -26,7 +26,16 @@ from diffmatch import losses
 from diffmatch.board import Board
 from diffmatch.checks import check_training_data
 from diffmatch.config import TrainArgs, from_dict, to_dict
-from diffmatch.data import EpochSampler, LabeledSet, UnlabeledSet, eval_set, repeat_to, semi_split
+from diffmatch.data import (
+    EpochSampler,
+    LabeledSet,
+    UnlabeledSet,
+    eval_ids,
+    eval_set,
+    leak_warning,
+    repeat_to,
+    semi_split,
+)
 from diffmatch.evaluate import evaluate_model
 from diffmatch.files import InputError, atomic_path, write_id_list, write_json
 from diffmatch.metrics import format_scores
@@ -170,6 +179,10 @@ def train(args: TrainArgs) -> dict[str, float]:
         print("note: --amp applies to CUDA only; training in float32")
 
     split = semi_split(args.data, args.label_ratio, args.seed)
+    if main_process:
+        for name in dict.fromkeys((args.data.val_split, args.data.test_split)):
+            if warning := leak_warning(split.labeled, eval_ids(args.data, name), name):
+                print(warning, flush=True)
     if args.check_data:  # every file the run will read, before anything is built (every rank; rank 0 prints)
         selection = args.data.val_split if args.select_on == "val" else args.data.test_split
         check_training_data(args.data, split.labeled, [] if args.method == "supervised" else split.unlabeled,
@@ -189,6 +202,7 @@ def train(args: TrainArgs) -> dict[str, float]:
     optimizer = build_optimizer(net, args.optim)
     iters_per_epoch = len(loaders.x)
     total_iters = min(args.epochs * iters_per_epoch, args.max_iters or args.epochs * iters_per_epoch)
+    epochs = -(-total_iters // iters_per_epoch)  # those --max-iters leaves
     semi = args.method != "supervised"
     teacher = None
     if args.loss.ema_teacher > 0 and semi:
@@ -257,7 +271,7 @@ def train(args: TrainArgs) -> dict[str, float]:
                           "tau_no_change": round(float(step.tau[0]), 4), "tau_change": round(float(step.tau[1]), 4)}
                 append_metrics(out / "metrics.jsonl", record)
                 rate = (iteration - start_iter) / max(time.time() - start_time, 1e-9)
-                print(f"epoch {epoch + 1}/{args.epochs} it {iteration}/{total_iters} loss {record['loss']:.4f} "
+                print(f"epoch {epoch + 1}/{epochs} it {iteration}/{total_iters} loss {record['loss']:.4f} "
                       f"(s {terms['s']:.3f} u {terms['u']:.3f} c {terms['c']:.3f} vl {terms['vl']:.3f}) "
                       f"conf {record['confident']:.0%} lr {record['lr']:.2e} | {rate * args.batch_size * world:.1f} "
                       f"pairs/s, ETA {hms((total_iters - iteration) / max(rate, 1e-9))}", flush=True)

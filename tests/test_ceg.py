@@ -349,4 +349,5 @@ def test_cli_exit_code_on_bad_input(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "diffmatch.ceg", "--root", str(tmp_path / "missing")],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {tmp_path / 'missing' / 'vlm'}: not found; --root must hold vlm/A and vlm/B"
+    assert proc.stderr.strip().startswith(f"error: {tmp_path / 'missing' / 'vlm'}: not found; --root must hold vlm/A "
+                                          "and vlm/B: write them with `python -m diffmatch.vlm_run --root")

@@ -3,15 +3,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, write_pair
 from PIL import Image
 
 from diffmatch import prepare
-from diffmatch.data import PUBLIC_SPLITS
+from diffmatch.data import PUBLIC_SPLITS, leak_warning
 from diffmatch.files import InputError
 from diffmatch.prepare import FolderArgs, LevirArgs, WhuArgs, main, split_sizes
 
@@ -341,3 +342,29 @@ def test_folder_reads_geotiffs_and_says_the_tiles_drop_the_tags(tmp_path: Path,
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"note: GeoTIFF input (e.g. {tmp_path}/src/A/scene.tif): the PNG tiles do not keep its geo-referencing; "
         "predict on the whole pair writes geo-referenced maps")
+
+
+def test_folder_holdout_keeps_each_source_scene_in_one_split(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    for i in range(8):
+        write_pair(src, f"scene{i}", size=(64, 64), seed=i)
+    args = FolderArgs(src=src, out=tmp_path / "out", tile=32, holdout="val=0.25,test=0.125", seed=3)
+    lists = main(args)
+    scenes = {name: {tile.rsplit("_", 2)[0] for tile in ids} for name, ids in lists.items() if ids}
+    assert {name: len(s) for name, s in scenes.items()} == {"train": 5, "val": 2, "test": 1}  # whole scenes
+    assert set.union(*scenes.values()) == {f"scene{i}" for i in range(8)}
+    assert sum(len(s) for s in scenes.values()) == 8  # no scene in two lists
+    assert all(len(lists[name]) == 4 * len(s) for name, s in scenes.items())  # every tile of a scene with it
+    for name in ("train", "val", "test"):
+        assert (tmp_path / "out" / "list" / f"{name}.txt").read_text().split() == [f"{i}.png" for i in lists[name]]
+    assert main(replace(args, out=tmp_path / "again")) == lists  # the same draw for the same seed
+    assert main(replace(args, out=tmp_path / "other", seed=4)) != lists
+    assert "in list/val.txt" in capsys.readouterr().out
+
+
+def test_leak_warning_names_the_split_and_an_id() -> None:
+    assert leak_warning(["a", "b"], ["c"], "val") is None
+    line = leak_warning(["a", "b", "c"], ["c", "b", "z"], "test")
+    assert line is not None
+    assert line.startswith("warning: 2 labelled training id(s) are also in the test split (e.g. b)")
