@@ -98,6 +98,8 @@ def print_table(summary: dict) -> None:
 
 def main(args: Args) -> dict:
     regime = quick_regime() if args.quick else args.regime
+    if args.jobs < 1 or args.workers < 1:
+        raise InputError(f"--jobs {args.jobs} --workers {args.workers}: need at least 1 of each")
     if regime.pairs < 10 or regime.iters < 1:
         raise InputError(f"--regime.pairs {regime.pairs} --regime.iters {regime.iters}: need at least 10 pairs "
                          "and 1 iteration")

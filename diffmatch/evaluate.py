@@ -227,6 +227,8 @@ class Args:
 def main(args: Args) -> dict[str, float]:
     from diffmatch.checks import check_eval_data
 
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
     device = pick_device(args.device)
     if args.check_data:
         check_eval_data(args.data, args.split)

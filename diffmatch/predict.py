@@ -172,6 +172,8 @@ def main(args: Args) -> list[Path]:
     """Predict every pair whose outputs are missing (or all, with ``--overwrite`` or one pair); return
     the masks written."""
     margin_threshold(args.threshold)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
     pairs = pairs_of(args)
     device = pick_device(args.device)
     model, train_args = model_from_checkpoint(args.checkpoint, device)
@@ -179,6 +181,11 @@ def main(args: Args) -> list[Path]:
     overlap = tile // 4 if args.overlap is None else args.overlap
     if tile < 1 or not 0 <= overlap < tile:
         raise InputError(f"--tile {tile} --overlap {overlap}: need tile >= 1 and 0 <= overlap < tile")
+    inputs = {path.resolve() for path_a, path_b, _ in pairs.values() for path in (path_a, path_b)}
+    for _, _, mask_path in pairs.values():
+        for path in output_paths(mask_path, args.probability, args.overlay, folder=args.src is not None):
+            if path.resolve() in inputs:
+                raise InputError(f"--out {args.out}: would overwrite the input image {path}; choose another --out")
     resume = args.src is not None and not args.overwrite
     progress, written = Progress("predict", len(pairs), "pairs"), []
     for pair_id, (path_a, path_b, mask_path) in pairs.items():

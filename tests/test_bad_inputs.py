@@ -14,7 +14,7 @@ from conftest import write_pair, write_training_set
 from PIL import Image
 
 from diffmatch import bench, ceg, demo, evaluate, predict, prepare, pretrain, synthetic, train
-from diffmatch.config import TrainArgs
+from diffmatch.config import DataConfig, ModelConfig, TrainArgs
 from diffmatch.files import read_rgb, run_cli
 
 COMMANDS: dict[str, tuple[object, Callable]] = {
@@ -39,6 +39,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_pair(top / "noval", f"q{i}", size=(40, 40), seed=i)
     (top / "noval" / "list").mkdir()
     (top / "noval" / "list" / "train.txt").write_text("q0\nq1\n")
+    train.train(TrainArgs(data=DataConfig(root=top / "data", crop_size=32), method="supervised", max_iters=1,
+                          batch_size=1, label_ratio=0.5, model=ModelConfig(backbone="resnet18", weights="none",
+                                                                           decoder_channels=8),
+                          out_dir=top / "run0", num_workers=0, device="cpu", check_data=False))
     return top
 
 
@@ -63,6 +67,9 @@ CASES = [
     ("train", "--data.root {w}/data --label-ratio 0 --out-dir {w}/run", "--label-ratio 0"),
     ("train", "--data.root {w}/data --batch-size 0 --out-dir {w}/run", "--batch-size 0"),
     ("train", "--data.root {w}/noval --out-dir {w}/run --label-ratio 1 --method supervised", "--holdout"),
+    ("predict", "--checkpoint {w}/run0/best.pt --a {w}/raw/A/scene0.png --b {w}/raw/B/scene0.png "
+     "--out {w}/raw/A/scene0.png", "would overwrite the input image"),
+    ("predict", "--checkpoint {w}/run0/best.pt --src {w}/raw --out {w}/raw/B", "would overwrite the input image"),
     ("prepare", "folder --src {w}/raw --out {w}/tiles --tile 0", "--tile 0"),
     ("prepare", "folder --src {w}/raw --out {w}/tiles --tile -5", "--tile -5"),
     ("prepare", "folder --src {w}/raw --out {w}/raw", "inside --src"),
@@ -73,6 +80,10 @@ CASES = [
     ("ceg", "--root {w}/raw", "python -m diffmatch.vlm_run"),
     ("bench", "--jobs 0", "--jobs 0"),
     ("demo", "--regime.pairs 1", "--regime.pairs 1"),
+    ("demo", "--jobs 0", "--jobs 0"),
+    ("evaluate", "--checkpoint {w}/notes.pt --data.root {w}/data --batch-size 0", "--batch-size 0"),
+    ("predict", "--checkpoint {w}/notes.pt --a {w}/raw/A/scene0.png --b {w}/raw/B/scene0.png --out {w}/o.png "
+     "--batch-size 0", "--batch-size 0"),
     ("synthetic", "--out {w}/syn --num-pairs 0", "num_pairs=0"),
     ("pretrain", "--out {w}/enc.pt --crop 500 --size 96", "--crop 500"),
 ]
