@@ -106,17 +106,21 @@ def test_threshold_probability_and_overlay_values() -> None:
         change_mask(margin, 1.0)
 
 
-def test_folder_mode_resumes_and_overwrites(checkpoint: Path, tmp_path: Path) -> None:
+def test_folder_mode_resumes_and_overwrites(checkpoint: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     pair(src, "x1", (40, 150), seed=1)  # two windows of 96 overlapping by 42
     pair(src, "x2", (80, 30), seed=2, ext=".tif")  # a TIFF without geo-referencing: PNG outputs
     args = Args(checkpoint=checkpoint, src=src, out=out, overlap=16, probability=True)
     assert main(args) == [out / "x1.png", out / "x2.png"]
+    assert capsys.readouterr().out.splitlines()[-1] == f"predict: wrote 2 mask(s) in {out} (with probability maps)"
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert files == ["prob/x1.png", "prob/x2.png", "x1.png", "x2.png"]
     assert read(out / "x2.png").shape == (80, 30) and read(out / "prob" / "x2.png").shape == (80, 30)
     first = read(out / "x1.png")
     assert main(args) == []  # everything exists: nothing is read again
+    assert capsys.readouterr().out.splitlines()[-1] == "predict: wrote 0 mask(s) (with probability maps); 2 pair(s) " \
+                                                      "already done, kept"
     (out / "prob" / "x2.png").unlink()
     assert main(args) == [out / "x2.png"]
     assert main(Args(**{**vars(args), "overwrite": True})) == [out / "x1.png", out / "x2.png"]

@@ -99,6 +99,14 @@ def test_levir_official_split_ids_exist(levir) -> None:
     assert checked == 4 * 16 + 2 * 16  # every tile once in train/val/test, train ones once more in 5%
 
 
+def test_levir_says_what_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    levir_tree(tmp_path / "LEVIR-CD")
+    lists = main(LevirArgs(src=tmp_path / "LEVIR-CD", out=tmp_path / "out", splits=("val",)))
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == f"levir: wrote {len(lists['val'])} tiles to {tmp_path / 'out'}/{{A,B,label}} " \
+                   f"({len(lists['val'])} in list/val.txt)"
+
+
 def test_levir_resume_and_overwrite(levir, monkeypatch: pytest.MonkeyPatch) -> None:
     tmp, _, _ = levir
     out = tmp / "LEVIR-CD256"
@@ -144,10 +152,13 @@ def whu_images(root: Path, h: int = 700, w: int = 1000) -> dict[str, np.ndarray]
     return arrays
 
 
-def test_whu_tiles_and_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_whu_tiles_and_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:
     arrays = whu_images(tmp_path / "WHU")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 700k pixels would be a "decompression bomb"
     lists = main(WhuArgs(src=tmp_path / "WHU", out=tmp_path / "out", seed=3))
+    assert f"whu: wrote 6 tiles to {tmp_path / 'out'}/{{A,B,label}} (4 in list/train.txt, 1 in list/val.txt, " \
+           "1 in list/test.txt)" in capsys.readouterr().out
     assert Image.MAX_IMAGE_PIXELS == 100_000  # lifted only while cutting
     out = tmp_path / "out"
     ids = [f"whucd_{n:05d}" for n in range(1, 7)]  # 2 rows x 3 columns of whole tiles, row-major
