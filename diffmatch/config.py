@@ -158,7 +158,7 @@ class LossConfig:
     """BatchNorm running statistics from the labelled and weak views alone: the strong view's forward
     pass normalises with its own batch but does not update them. Its colour jitter, drawn per date,
     inflates |f_A - f_B|, and with it the statistics that evaluation and eval-mode pseudo labels use,
-    which shrinks every change prediction (README §7). Off in the paper and the authors' code."""
+    which shrinks every change prediction (docs/benchmark.md). Off in the paper and the authors' code."""
     ema_teacher: float = 0.0
     """EMA decay of a teacher network that gives the pseudo labels of L_u and L_c in place of the
     student's own weak-view predictions (Mean Teacher, Tarvainen and Valpola 2017; UniMatch-V2
