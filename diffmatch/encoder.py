@@ -8,6 +8,7 @@ loads into it as it is (its ``fc.*`` keys are dropped).
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ def read_torch_file(path: Path, *, what: str, fix: str, device: torch.device | s
         raise InputError(f"{path}: {what} not found; {fix}")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file (0 bytes; an interrupted copy?), not a readable {what}; {fix}")
+    if not zipfile.is_zipfile(path):  # what torch.save writes
+        raise InputError(f"{path}: not a readable {what} (not an archive torch.save wrote, or a truncated one); {fix}")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # pickle, zip and unpickler errors come in many types, some without a message
