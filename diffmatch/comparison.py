@@ -62,9 +62,9 @@ class Regime:
     """Dual projection head (§3.4; a Table 7 switch): the CEG change labels train their own head."""
     batch_size: int = 8
     """Pairs per batch (labelled and each unlabelled batch)."""
-    iters: int = 400
-    """Training iterations of every method."""
-    eval_interval: int = 50
+    iters: int = 1600
+    """Training iterations of every method (supervised-only's plateau on val, docs/benchmark.md)."""
+    eval_interval: int = 100
     """Validation every this many iterations, for every method."""
     pretrain_iters: int = 600
     """Iterations of ``python -m diffmatch.pretrain`` for the initial encoder, shared by every method
