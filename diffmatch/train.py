@@ -217,7 +217,7 @@ def train(args: TrainArgs) -> dict[str, float]:
         optimizer.load_state_dict(state["optimizer"])
         if teacher is not None:
             load_state(teacher, state["teacher"], out / "last.pt")
-        if status is not None:
+        if status is not None and "learning_status" in state:  # else it is rebuilt as the samples come again
             status.load_state_dict(state["learning_status"])
         epoch, iteration, best = state["epoch"], state["iteration"], state["best_score"]
         torch.set_rng_state(state["rng"].cpu())

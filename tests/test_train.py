@@ -170,7 +170,7 @@ def test_learning_status_is_kept_per_sample_over_the_set() -> None:
 
 
 def test_ema_teacher_is_checkpointed_and_resumes(data_root: Path, tmp_path: Path, monkeypatch) -> None:
-    loss = LossConfig(ema_teacher=0.9)
+    loss = LossConfig(ema_teacher=0.9, class_thresholds=True, tau=0.6)  # the learning status resumes too
     straight = tmp_path / "straight"
     train_module.train(tiny_args(data_root, straight, method="fixmatch", loss=loss))
     state = load_checkpoint(straight / "last.pt")
@@ -192,6 +192,8 @@ def test_ema_teacher_is_checkpointed_and_resumes(data_root: Path, tmp_path: Path
     resumed = load_checkpoint(killed / "last.pt")
     for key, value in state["teacher"].items():
         assert torch.equal(value, resumed["teacher"][key]), key
+    assert torch.equal(state["learning_status"]["counts"], resumed["learning_status"]["counts"])
+    assert bool(resumed["learning_status"]["seen"].all())  # 8 unlabelled pairs, each seen in 2 epochs
 
 
 def test_resumed_run_ends_with_the_same_weights(data_root: Path, tmp_path: Path, monkeypatch) -> None:
