@@ -143,7 +143,7 @@ def run_method(args: TrainArgs) -> dict:
     test, keys = json.loads(done.read_text()), ("iou", "f1", "precision", "recall")
     return {"best": {k: test[k] for k in keys},
             **{which: {k: test[which][k] for k in keys} for which in ("last", "teacher") if which in test},
-            **{k: test[k] for k in ("train_seconds",) if k in test}}
+            **({"train_seconds": test["train_seconds"]} if "train_seconds" in test else {})}
 
 
 def _run_in_process(args: TrainArgs, threads: int) -> dict:

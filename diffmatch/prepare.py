@@ -162,6 +162,12 @@ def write_tiles(out: Path, sources: dict[str, Path], ids: list[list[str]], tile:
     return flat
 
 
+def say_written(command: str, out: Path, lists: dict[str, list[str]]) -> None:
+    """One line: how many tiles were written and how many each list holds."""
+    counts = ", ".join(f"{len(ids)} in list/{name}.txt" for name, ids in lists.items())
+    print(f"{command}: wrote {sum(map(len, lists.values()))} tiles to {out}/{{A,B,label}} ({counts})", flush=True)
+
+
 def write_list(out: Path, name: str, ids: list[str]) -> None:
     """Write ``list/<name>.txt``, ids with ``.png``, atomically."""
     write_id_list(out / "list" / f"{name}.txt", ids, suffix=".png")
@@ -185,6 +191,7 @@ def prepare_levir(args: LevirArgs) -> dict[str, list[str]]:
                                         label_threshold=args.label_threshold)
             progress.step()
         write_list(args.out, split, lists[split])
+    say_written("levir", args.out, lists)
     return lists
 
 
@@ -245,8 +252,7 @@ def prepare_whu(args: WhuArgs) -> dict[str, list[str]]:
         lists = {split: [flat[k] for k in sorted(part)] for split, part in zip(sizes, parts, strict=True)}
     for split, ids_ in lists.items():
         write_list(args.out, split, ids_)
-    counts = ", ".join(f"{len(ids_)} in list/{split}.txt" for split, ids_ in lists.items())
-    print(f"whu: wrote {len(flat)} tiles to {args.out}/{{A,B,label}} ({counts})")
+    say_written("whu", args.out, lists)
     return lists
 
 
@@ -299,6 +305,9 @@ def holdout_splits(sources: list[dict[str, Path]], holdout: str | None, train: s
 def prepare_folder(args: FolderArgs) -> dict[str, list[str]]:
     """Cut every pair of a folder into tiles; return the tile ids of each list (labelled, unlabelled and,
     with ``--holdout``, val and test)."""
+    if args.tile < 32:
+        raise InputError(f"--tile {args.tile}: must be at least 32 (the network's output stride is 16); "
+                         f"LEVIR-CD-like tiles are {TILE}")
     skip, hint = args.mismatch == "skip", " (or pass --mismatch skip)"
     scan = scan_pairs(args.src, need_label=False)
     if scan.missing and not skip:
@@ -355,15 +364,7 @@ def main(args: LevirArgs | WhuArgs | FolderArgs) -> dict[str, list[str]]:
     if not args.src.is_dir():
         raise InputError(f"{args.src}: folder not found; pass the data set folder as --src")
     check_out(args.src, args.out)
-    if isinstance(args, LevirArgs):
-        lists = prepare_levir(args)
-        counts = ", ".join(f"{len(ids)} in list/{split}.txt" for split, ids in lists.items())
-        print(f"levir: wrote {sum(map(len, lists.values()))} tiles to {args.out}/{{A,B,label}} ({counts})")
-        return lists
-    if args.tile < 32:
-        raise InputError(f"--tile {args.tile}: must be at least 32 (the network's output stride is 16); "
-                         f"LEVIR-CD-like tiles are {TILE}")
-    return prepare_folder(args)
+    return prepare_levir(args) if isinstance(args, LevirArgs) else prepare_folder(args)
 
 
 if __name__ == "__main__":
