@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffmatch.cli import InputError
 from diffmatch.data import EvalSample, EvalSet
 from diffmatch.evaluate import change_logits, model_device, visualise
-from diffmatch.files import InputError
 from diffmatch.model import autocast
 
 if TYPE_CHECKING:

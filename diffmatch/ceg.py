@@ -43,17 +43,12 @@ from typing import Annotated, NamedTuple
 import numpy as np
 import tyro
 
+from diffmatch.atomic import write_bytes, write_json
+from diffmatch.cli import InputError, Progress
 from diffmatch.config import IGNORE, CEGConfig
-from diffmatch.files import (
-    InputError,
-    Progress,
-    images_in,
-    read_id_list,
-    read_label,
-    write_bytes,
-    write_json,
-)
+from diffmatch.images import read_label
 from diffmatch.metrics import Confusion, scores
+from diffmatch.pairs import images_in, read_id_list
 from diffmatch.png import GrayEncoder, image_size, write_png
 from diffmatch.rle import Runs, runs_intersections
 from diffmatch.vlm import Concepts, InstanceSource, VLMOutput, concepts, list_ids, read_vlm
@@ -267,7 +262,7 @@ class _Job:
     size: tuple[int, int] | None
     """(H, W) of the pre-event image, when it exists, to check the VLM outputs against."""
     label_threshold: int | None = None
-    """Binarise the label at this value (``files.read_label``)."""
+    """Binarise the label at this value (``images.read_label``)."""
 
 
 def _process(job: _Job, encoder: GrayEncoder) -> PairStats:
@@ -449,6 +444,6 @@ def main(args: Args) -> dict | None:
     return table
 
 if __name__ == "__main__":
-    from diffmatch.files import run_cli
+    from diffmatch.cli import run_cli
 
     run_cli(lambda: main(tyro.cli(Args, prog="python -m diffmatch.ceg")))

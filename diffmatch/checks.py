@@ -18,9 +18,10 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from diffmatch.cli import InputError, Progress
 from diffmatch.config import DataConfig
 from diffmatch.data import LABEL_FLAG, eval_ids, image_path, pseudo_hint
-from diffmatch.files import InputError, Progress, read_label
+from diffmatch.images import read_label
 
 SHOWN = 5
 """Problems printed one per line; the rest are counted."""

@@ -19,8 +19,10 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from diffmatch import augment
+from diffmatch.cli import InputError
 from diffmatch.config import IGNORE, AugmentConfig, DataConfig
-from diffmatch.files import IMAGE_EXTS, InputError, images_in, read_id_list, read_label, read_mask, read_rgb
+from diffmatch.images import IMAGE_EXTS, read_label, read_mask, read_rgb
+from diffmatch.pairs import images_in, read_id_list
 
 LABEL_FLAG = "--data.label-threshold"
 """The option named when a label has values other than 0/255 or 0/1."""
@@ -238,7 +240,7 @@ class _PairSet(Dataset):
 
 class LabeledSet(_PairSet):
     """Labelled training pairs (weak view), with CEG labels when ``pseudo_dir`` is given; labels are
-    binarised at ``label_threshold`` when given (``files.read_label``)."""
+    binarised at ``label_threshold`` when given (``images.read_label``)."""
 
     def __init__(self, root: Path, ids: list[str], *, crop_size: int, augment_cfg: AugmentConfig,
                  pseudo_dir: str | None = None, seed: int = 0, label_threshold: int | None = None) -> None:

@@ -18,8 +18,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from diffmatch.cli import InputError
 from diffmatch.config import Backbone
-from diffmatch.files import InputError
 
 STAGE_CHANNELS: dict[str, tuple[int, int, int, int]] = {
     "resnet18": (64, 128, 256, 512),

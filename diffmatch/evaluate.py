@@ -25,12 +25,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from diffmatch import augment
+from diffmatch.atomic import atomic_path, write_json
 from diffmatch.augment import MEAN, STD
+from diffmatch.cli import InputError, Progress
 from diffmatch.config import DataConfig
 from diffmatch.data import EvalSet, eval_set, leak_warning
-from diffmatch.files import InputError, Progress, atomic_path, read_id_list, write_json
 from diffmatch.metrics import Confusion, confusion, format_scores, scores
 from diffmatch.model import autocast, model_from_checkpoint, pick_device
+from diffmatch.pairs import read_id_list
 from diffmatch.png import write_png
 
 # ----------------------------------------------------------------------------- sliding windows
@@ -252,6 +254,6 @@ def main(args: Args) -> dict[str, float]:
 if __name__ == "__main__":
     import tyro
 
-    from diffmatch.files import run_cli
+    from diffmatch.cli import run_cli
 
     run_cli(lambda: main(tyro.cli(Args, prog="python -m diffmatch.evaluate")))

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, TiffImagePlugin
 
-from diffmatch.files import atomic_path, no_pixel_limit
+from diffmatch.atomic import atomic_path
+from diffmatch.images import no_pixel_limit
 
 GEO_TAGS = {
     33550: "ModelPixelScale",

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffmatch.atomic import atomic_path
+from diffmatch.cli import InputError
 from diffmatch.config import Backbone, Distance, ModelConfig, OptimConfig, TrainArgs, from_dict, to_dict
 from diffmatch.decoders import DifferenceDecoder, SegmentationDecoder
 from diffmatch.encoder import SiameseEncoder, read_torch_file
-from diffmatch.files import InputError, atomic_path
 
 
 class ModelOutput(NamedTuple):

@@ -7,7 +7,7 @@ holds IHDR, the image data in one IDAT chunk of up to 64 KiB, and IEND. Here the
 are computed at once, on the image read flat so that every step is one pass over contiguous memory,
 every numpy operation writing into work arrays that a ``GrayEncoder`` keeps from one image to the next
 (allocating fresh ones for each of its dozens of steps costs more than the arithmetic), and the rows
-deflated in one call. Needs numpy, Pillow (for the images it leaves to Pillow) and ``files.py`` (the
+deflated in one call. Needs numpy, Pillow (for the images it leaves to Pillow) and ``atomic.py`` (the
 atomic write).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffmatch.files import atomic_path, write_bytes
+from diffmatch.atomic import atomic_path, write_bytes
 
 MAX_IDAT = 65536
 """Pillow splits longer image data over several IDAT chunks; ``encode_gray`` leaves those images to it."""

@@ -6,7 +6,7 @@
 One pair (``--a``, ``--b``) writes the mask to ``--out`` (``.png``, or ``.tif``); ``--probability`` adds
 ``<stem>_prob`` beside it, the change probability as 8-bit grey (round(255 p)), and ``--overlay`` adds
 ``<stem>_overlay``, the post-event image with changed pixels tinted red. A folder (``--src`` with ``A/``
-and ``B/``, files paired by name without extension, any of ``files.IMAGE_EXTS``) writes ``OUT/<id>``,
+and ``B/``, files paired by name without extension, any of ``images.IMAGE_EXTS``) writes ``OUT/<id>``,
 ``OUT/prob/<id>`` and ``OUT/overlay/<id>`` per pair (so no pair's name meets another's outputs) and
 skips pairs whose outputs exist unless ``--overwrite``. Masks are 0/255.
 
@@ -28,10 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffmatch.cli import InputError, Progress
 from diffmatch.evaluate import change_margin, model_device, window_grid
-from diffmatch.files import InputError, Progress, find_pairs, no_pixel_limit, pair_size, read_rgb
 from diffmatch.geotiff import TIFF_EXTS, GeoTags, geo_tags, write_tiff
+from diffmatch.images import no_pixel_limit, pair_size, read_rgb
 from diffmatch.model import autocast, model_from_checkpoint, pick_device
+from diffmatch.pairs import find_pairs
 from diffmatch.png import write_png
 
 WINDOW_PROGRESS = 64
@@ -221,6 +223,6 @@ def main(args: Args) -> list[Path]:
 if __name__ == "__main__":
     import tyro
 
-    from diffmatch.files import run_cli
+    from diffmatch.cli import run_cli
 
     run_cli(lambda: main(tyro.cli(Args, prog="python -m diffmatch.predict")))

@@ -29,21 +29,10 @@ from typing import Annotated, Literal
 import numpy as np
 import tyro
 
-from diffmatch.files import (
-    IMAGE_EXTS,
-    KINDS,
-    InputError,
-    Progress,
-    find_pairs,
-    no_pixel_limit,
-    pair_size,
-    read_label,
-    read_rgb,
-    run_cli,
-    scan_pairs,
-    write_id_list,
-)
+from diffmatch.cli import InputError, Progress, run_cli
 from diffmatch.geotiff import geo_tags
+from diffmatch.images import IMAGE_EXTS, no_pixel_limit, pair_size, read_label, read_rgb
+from diffmatch.pairs import KINDS, find_pairs, scan_pairs, write_id_list
 from diffmatch.png import write_png
 
 TILE = 256
@@ -145,7 +134,7 @@ def write_tiles(out: Path, sources: dict[str, Path], ids: list[list[str]], tile:
     """Cut each source (kind -> file) into tiles named ``ids[row][col]``; return the ids, row-major.
 
     A source whose tiles all exist is not read (resume), unless ``overwrite``. ``progress`` steps once
-    per row of tiles. Labels are binarised at ``label_threshold`` when given (``files.read_label``).
+    per row of tiles. Labels are binarised at ``label_threshold`` when given (``images.read_label``).
     """
     flat = [i for row in ids for i in row]
     for kind, path in sources.items():

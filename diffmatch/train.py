@@ -23,8 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from diffmatch import losses
+from diffmatch.atomic import atomic_path, write_json
 from diffmatch.board import Board
 from diffmatch.checks import check_training_data
+from diffmatch.cli import InputError
 from diffmatch.config import TrainArgs, from_dict, to_dict
 from diffmatch.data import (
     EpochSampler,
@@ -37,7 +39,6 @@ from diffmatch.data import (
     semi_split,
 )
 from diffmatch.evaluate import evaluate_model
-from diffmatch.files import InputError, atomic_path, write_id_list, write_json
 from diffmatch.metrics import format_scores
 from diffmatch.model import (
     autocast,
@@ -49,6 +50,7 @@ from diffmatch.model import (
     save_checkpoint,
     use_bf16,
 )
+from diffmatch.pairs import write_id_list
 from diffmatch.step import LearningStatus, compute_losses, ema_update, to_device, uses_every_parameter
 
 
@@ -347,6 +349,6 @@ def finish(args: TrainArgs, net: nn.Module, device: torch.device, amp: bool, mai
 if __name__ == "__main__":
     import tyro
 
-    from diffmatch.files import run_cli
+    from diffmatch.cli import run_cli
 
     run_cli(lambda: train(tyro.cli(TrainArgs, prog="python -m diffmatch.train")))

@@ -28,8 +28,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 from PIL import Image
 
+from diffmatch.cli import InputError
 from diffmatch.config import CEGConfig
-from diffmatch.files import InputError
 from diffmatch.rle import RLEError, Runs, decode_counts_many, runs_of_counts
 
 # ----------------------------------------------------------------------------- VLM outputs

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
+from diffmatch.cli import InputError
 from diffmatch.evaluate import tile_starts, window_grid
-from diffmatch.files import InputError
 from diffmatch.model import autocast
 
 INSTALL = 'pip install -e ".[vlm]"'

@@ -25,20 +25,13 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from diffmatch.atomic import atomic_path, write_json
+from diffmatch.cli import InputError, Progress
 from diffmatch.config import CEGConfig
 from diffmatch.evaluate import window_grid
-from diffmatch.files import (
-    InputError,
-    Progress,
-    atomic_path,
-    images_in,
-    natural_key,
-    no_pixel_limit,
-    read_id_list,
-    read_rgb,
-    write_json,
-)
+from diffmatch.images import no_pixel_limit, read_rgb
 from diffmatch.model import pick_device, use_bf16
+from diffmatch.pairs import images_in, natural_key, read_id_list
 from diffmatch.rle import encode_counts, window_counts
 from diffmatch.vlm_models import Detection, Instances, Semantic, transformers_module
 
@@ -280,6 +273,6 @@ def main(args: Args) -> Summary:
 if __name__ == "__main__":
     import tyro
 
-    from diffmatch.files import run_cli
+    from diffmatch.cli import run_cli
 
     run_cli(lambda: (transformers_module(), main(tyro.cli(Args, prog="python -m diffmatch.vlm_run"))))

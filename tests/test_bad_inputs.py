@@ -13,9 +13,11 @@ import tyro
 from conftest import write_pair, write_training_set
 from PIL import Image
 
-from diffmatch import bench, ceg, demo, evaluate, predict, prepare, pretrain, synthetic, train
+from diffmatch import ceg, evaluate, predict, prepare, train
+from diffmatch.cli import run_cli
 from diffmatch.config import DataConfig, ModelConfig, TrainArgs
-from diffmatch.files import read_rgb, run_cli
+from diffmatch.images import read_rgb
+from diffmatch.lab import bench, demo, pretrain, synthetic
 
 COMMANDS: dict[str, tuple[object, Callable]] = {
     "train": (TrainArgs, train.train), "evaluate": (evaluate.Args, evaluate.main),

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffmatch import bench, synthetic
+from diffmatch.cli import InputError
 from diffmatch.config import ModelConfig
-from diffmatch.files import InputError
+from diffmatch.lab import bench, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(backbone="resnet18", decoder_channels=16)

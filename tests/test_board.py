@@ -15,10 +15,10 @@ from PIL import Image
 
 from diffmatch import train as train_module
 from diffmatch.board import INSTALL, Board, change_grid, step_scalars
+from diffmatch.cli import InputError
 from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs
 from diffmatch.data import EvalSet
 from diffmatch.evaluate import evaluate_model
-from diffmatch.files import InputError
 from diffmatch.model import build_model, load_checkpoint, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,8 +29,8 @@ from diffmatch.ceg import (
     segment,
     single_date_mask,
 )
+from diffmatch.cli import InputError
 from diffmatch.config import CEGConfig
-from diffmatch.files import InputError
 from diffmatch.metrics import confusion
 from diffmatch.rle import Runs, encode_mask, runs_of_masks
 from diffmatch.vlm import VLMOutput, concepts

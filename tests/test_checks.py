@@ -16,8 +16,8 @@ from PIL import Image
 from diffmatch import evaluate
 from diffmatch import train as train_module
 from diffmatch.checks import Need, check_data, check_eval_data, check_training_data, image_header
+from diffmatch.cli import InputError
 from diffmatch.config import DataConfig, ModelConfig, TrainArgs
-from diffmatch.files import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = [f"p{i}" for i in range(8)]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffmatch import comparison, pretrain
-from diffmatch.comparison import Regime, format_summary, run_args, summarise
 from diffmatch.encoder import SiameseEncoder
+from diffmatch.lab import comparison, pretrain
+from diffmatch.lab.comparison import Regime, format_summary, run_args, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ import torch
 from conftest import DATA, write_pair
 from PIL import Image
 
+from diffmatch.cli import InputError
 from diffmatch.config import AugmentConfig, DataConfig
 from diffmatch.data import (
     PUBLIC_SPLITS,
@@ -24,7 +25,7 @@ from diffmatch.data import (
     semi_split,
     split_folder,
 )
-from diffmatch.files import InputError, read_label, read_rgb
+from diffmatch.images import read_label, read_rgb
 
 LEVIR = DATA / "levir-samples"
 

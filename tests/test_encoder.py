@@ -7,9 +7,9 @@ import pytest
 import torch
 import torchvision
 
+from diffmatch.cli import InputError
 from diffmatch.config import DataConfig, ModelConfig, TrainArgs
 from diffmatch.encoder import STAGE_CHANNELS, SiameseEncoder, dilated_resnet
-from diffmatch.files import InputError
 
 
 def conv3x3_layout(stage: torch.nn.Sequential) -> list[tuple[tuple[int, int], tuple[int, int]]]:

@@ -12,10 +12,10 @@ import torch
 from conftest import write_pair
 from torch import nn
 
+from diffmatch.cli import InputError
 from diffmatch.config import DataConfig, ModelConfig, TrainArgs
 from diffmatch.data import EvalSet
 from diffmatch.evaluate import evaluate_model, visualise, write_per_image_csv
-from diffmatch.files import InputError
 from diffmatch.model import ModelOutput, build_model, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

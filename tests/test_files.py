@@ -1,4 +1,5 @@
-"""files.py: atomic writes, id lists, the listing of images, and the error every command raises."""
+"""cli.py, atomic.py, images.py and pairs.py: the error every command raises, atomic writes, image and
+label reading, id lists and the listing of image pairs."""
 
 from __future__ import annotations
 
@@ -12,15 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmatch.files import (
-    InputError,
-    atomic_path,
-    images_in,
-    read_id_list,
-    run_cli,
-    write_id_list,
-    write_json,
-)
+from diffmatch.atomic import atomic_path, write_json
+from diffmatch.cli import InputError, run_cli
+from diffmatch.pairs import images_in, read_id_list, write_id_list
 from diffmatch.png import write_png
 
 

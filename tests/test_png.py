@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmatch.files import _UMASK, write_bytes
+from diffmatch.atomic import _UMASK, write_bytes
 from diffmatch.png import GrayEncoder, encode_gray, filter_rows, write_png
 
 

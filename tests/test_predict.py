@@ -13,8 +13,8 @@ from conftest import geotiff_tags, write_geotiff
 from PIL import Image
 
 from diffmatch.augment import image_to_tensor
+from diffmatch.cli import InputError
 from diffmatch.config import DataConfig, ModelConfig, TrainArgs
-from diffmatch.files import InputError
 from diffmatch.geotiff import geo_tags
 from diffmatch.model import model_from_checkpoint, save_checkpoint
 from diffmatch.predict import Args, change_mask, main, overlay_image, probability_image

@@ -12,8 +12,8 @@ from conftest import DATA, write_pair
 from PIL import Image
 
 from diffmatch import prepare
+from diffmatch.cli import InputError
 from diffmatch.data import PUBLIC_SPLITS, leak_warning
-from diffmatch.files import InputError
 from diffmatch.prepare import FolderArgs, LevirArgs, WhuArgs, main, split_sizes
 
 SAMPLES = DATA / "levir-samples"

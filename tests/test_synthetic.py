@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmatch import synthetic
-from diffmatch.files import InputError
+from diffmatch.cli import InputError
+from diffmatch.lab import synthetic
+from diffmatch.lab.synthetic import scene
 from diffmatch.rle import decode_mask, encode_mask
-from diffmatch.synthetic import scene
 
 SIZE = 64
 NUM = 12

@@ -18,9 +18,9 @@ from torch import nn
 
 from diffmatch import losses
 from diffmatch import train as train_module
+from diffmatch.cli import InputError
 from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs, to_dict
 from diffmatch.data import LabeledSample, UnlabeledSample
-from diffmatch.files import InputError
 from diffmatch.model import build_model, load_checkpoint
 from diffmatch.step import LearningStatus, compute_losses, ema_update, uses_every_parameter
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffmatch.cli import InputError
 from diffmatch.config import CEGConfig
-from diffmatch.files import InputError
 from diffmatch.rle import encode_mask, mask_to_counts
 from diffmatch.vlm import concepts, find_files, list_ids, read_instances, read_vlm, vlm_id
 

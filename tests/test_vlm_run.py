@@ -16,8 +16,8 @@ import torch
 from conftest import write_pair
 from PIL import Image
 
+from diffmatch.cli import InputError
 from diffmatch.config import CEGConfig
-from diffmatch.files import InputError
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # read when the hub client is first imported: nothing here may download
 

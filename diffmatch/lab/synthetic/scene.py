@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, special
 
-from diffmatch.synthetic.raster import camera, grow, paint_cars, smooth_noise, tree_crowns
+from diffmatch.lab.synthetic.raster import camera, grow, paint_cars, smooth_noise, tree_crowns
 
 HOUSE, BUILDING, ROAD, GRASS, TREE, WATER = range(6)  # VLM prompt order (CEGConfig.classes)
 SOIL = 6  # cover code of bare ground and paving: no VLM class of its own

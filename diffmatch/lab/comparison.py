@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from scipy import stats
 
-from diffmatch import ceg, pretrain, synthetic
+from diffmatch import ceg
 from diffmatch.config import Backbone, DataConfig, LossConfig, Method, ModelConfig, TrainArgs
-from diffmatch.files import read_id_list
+from diffmatch.lab import pretrain, synthetic
+from diffmatch.pairs import read_id_list
 from diffmatch.train import train
 
 METHODS: tuple[Method, ...] = ("supervised", "fixmatch", "diffmatch")

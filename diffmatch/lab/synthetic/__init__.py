@@ -21,12 +21,14 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from diffmatch.atomic import atomic_path
+from diffmatch.cli import InputError, Progress
 from diffmatch.config import CEGConfig
-from diffmatch.files import InputError, Progress, atomic_path, write_id_list
+from diffmatch.lab.synthetic import scene
+from diffmatch.lab.synthetic.raster import grow, smooth_noise
+from diffmatch.pairs import write_id_list
 from diffmatch.png import write_png
 from diffmatch.rle import encode_mask
-from diffmatch.synthetic import scene
-from diffmatch.synthetic.raster import grow, smooth_noise
 
 VLMKind = Literal["npy", "json", "png"]
 CLASSES = CEGConfig().classes  # house, building, road, grass, tree, water: the order of scene's codes
