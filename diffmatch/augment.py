@@ -1,4 +1,4 @@
-"""Weak and strong views of an image pair and its masks (README §3; UniMatch's transforms).
+"""Weak and strong views of an image pair and its masks (§3.1; UniMatch's transforms).
 
 Every function takes the pair and its masks together, so that one geometric draw moves the pre-event
 image, the post-event image and every mask of the pair alike. Randomness comes from an explicit
@@ -55,14 +55,12 @@ def hflip(images: list[Image.Image], masks: list[Image.Image], p: float,
     return images, masks
 
 
-def weak_view(a: Image.Image, b: Image.Image, masks: list[Image.Image], cfg: AugmentConfig,
-              crop_size: int, rng: np.random.Generator
-              ) -> tuple[Image.Image, Image.Image, list[Image.Image]]:
-    """Rescale, crop and flip the pair and its masks with one shared draw."""
-    images, masks = rescale([a, b], masks, cfg.scale, rng)
+def weak_view(images: list[Image.Image], masks: list[Image.Image], cfg: AugmentConfig, crop_size: int,
+              rng: np.random.Generator) -> tuple[list[Image.Image], list[Image.Image]]:
+    """Rescale, crop and flip the pair (``images``: pre- and post-event) and its masks with one shared draw."""
+    images, masks = rescale(images, masks, cfg.scale, rng)
     images, masks = crop(images, masks, crop_size, rng)
-    images, masks = hflip(images, masks, cfg.hflip_prob, rng)
-    return images[0], images[1], masks
+    return hflip(images, masks, cfg.hflip_prob, rng)
 
 
 def color_jitter(image: Image.Image, strength: tuple[float, float, float, float], p: float,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,8 +20,7 @@ from torch import nn
 
 from diffmatch.cli import InputError
 from diffmatch.data import EvalSample, EvalSet
-from diffmatch.evaluate import change_logits, model_device, visualise
-from diffmatch.model import autocast
+from diffmatch.evaluate import Windows, change_logits, model_device, visualise
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -32,18 +31,17 @@ GAP = 4
 """Grey pixels between the rows of the change-map grid (the gap ``visualise`` leaves between columns)."""
 
 
-def change_grid(model: nn.Module, samples: Sequence[EvalSample], *, tile: int, amp: bool = False) -> np.ndarray:
+def change_grid(model: nn.Module, samples: Sequence[EvalSample], *, windows: Windows) -> np.ndarray:
     """(H, W, 3) uint8: one row per pair, A | B | ground truth | prediction with TP white, FP red, FN
-    green, predicted as ``evaluate`` does (windows of ``tile``, overlap tile / 4). Rows narrower than
-    the widest are padded grey. The model is left in the mode it came in."""
+    green, predicted as ``evaluate`` does (sliding ``windows``). Rows narrower than the widest are padded
+    grey. The model is left in the mode it came in."""
     was_training, device = model.training, model_device(model)
     model.eval()
     rows = []
     with torch.no_grad():
         for sample in samples:
             a, b = sample.a[None].to(device), sample.b[None].to(device)
-            with autocast(device, amp):
-                pred = change_logits(model, a, b, tile=tile, overlap=tile // 4).argmax(1)[0]
+            pred = change_logits(model, a, b, windows=windows).argmax(1)[0]
             rows.append(visualise(sample.a, sample.b, sample.label, pred))
     model.train(was_training)
     width = max(row.shape[1] for row in rows)
@@ -67,21 +65,33 @@ def step_scalars(record: Mapping[str, Any], optimizer: torch.optim.Optimizer, pa
     return values
 
 
+class MapGrid(NamedTuple):
+    """The change-map grid logged at every evaluation."""
+
+    vis_set: EvalSet
+    """Its rows are the first ``pairs`` pairs of this set."""
+    split: str
+    """Name of the set's split: the prefix of the grid's and the scores' tags."""
+    windows: Windows
+    """Sliding windows of the prediction (``evaluate``'s)."""
+    pairs: int = 4
+    """Rows of the grid."""
+
+
 class Board:
     """The run's event files; a Board without a writer (flag off, or a process other than rank 0) does
     nothing. Events are flushed at every call, so an interrupted run loses none."""
 
     def __init__(self, writer: SummaryWriter | None = None, samples: Sequence[EvalSample] = (), split: str = "val",
-                 tile: int = 256, amp: bool = False) -> None:
-        self.writer, self.samples, self.split, self.tile, self.amp = writer, list(samples), split, tile, amp
+                 windows: Windows | None = None) -> None:
+        self.writer, self.samples, self.split, self.windows = writer, list(samples), split, windows or Windows()
 
     @classmethod
-    def open(cls, log_dir: Path, *, enabled: bool, write: bool, start: int, vis_set: EvalSet, split: str,
-             tile: int, amp: bool, pairs: int = 4) -> Board:
+    def open(cls, log_dir: Path, grid: MapGrid, *, enabled: bool, write: bool, start: int) -> Board:
         """The Board of a run that starts after ``start`` iterations (0: a new run, whose stale event files
-        are removed; else a resumed one, whose events after ``start`` are dropped by the reader). The grid
-        shows the first ``pairs`` of ``vis_set``. ``enabled`` without the package is an ``InputError``
-        on every process; only ``write`` opens files."""
+        are removed; else a resumed one, whose events after ``start`` are dropped by the reader), logging
+        the change maps of ``grid``. ``enabled`` without the package is an ``InputError`` on every process;
+        only ``write`` opens files."""
         if not enabled:
             return cls()
         try:
@@ -96,12 +106,12 @@ class Board:
         # The restart marker written at purge_step makes TensorBoard drop earlier files' events at steps >= it:
         # start + 1 keeps the checkpoint's own step and drops what an interrupted run logged after it.
         writer = SummaryWriter(str(log_dir), purge_step=start + 1 if start else None)
-        samples = [vis_set[i] for i in range(min(pairs, len(vis_set)))]
+        samples = [grid.vis_set[i] for i in range(min(grid.pairs, len(grid.vis_set)))]
         if samples:
             ids = ", ".join(sample.id for sample in samples)
-            writer.add_text(f"{split}/change_map_ids", f"rows, top to bottom: {ids} (A | B | ground truth | "
+            writer.add_text(f"{grid.split}/change_map_ids", f"rows, top to bottom: {ids} (A | B | ground truth | "
                             "prediction; TP white, FP red, FN green)", start)
-        return cls(writer, samples, split, tile, amp)
+        return cls(writer, samples, grid.split, grid.windows)
 
     def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
         """One point per tag at ``step``."""
@@ -131,7 +141,7 @@ class Board:
         self.log_scalars(step, {f"{self.split}/{name}": value for name, value in scores.items()})
         if self.samples:
             self.log_images(step, f"{self.split}/change_maps",
-                            change_grid(model, self.samples, tile=self.tile, amp=self.amp))
+                            change_grid(model, self.samples, windows=self.windows))
 
     def close(self) -> None:
         """Flush and close the event file."""

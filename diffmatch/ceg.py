@@ -1,6 +1,6 @@
 """Change event generation (CEG, §3.2): pseudo change labels from two single-date VLM outputs.
 
-The equations are pure numpy functions, one per equation, as README §2 and §5 fix them:
+The equations are pure numpy functions, one per equation, as docs/differences.md fixes them:
 
 - concept probabilities ``fg``/``bg`` = max over the foreground/background classes (Eq. 4);
 - segmentation ``I_t = fg >= bg`` (Eq. 5; ties go to foreground), reliability ``max(fg, bg) >= γ``
@@ -14,7 +14,7 @@ The equations are pure numpy functions, one per equation, as README §2 and §5 
 - single-date masks ``I_t`` where reliable at ``seg_gamma``, else 255 (§3.5).
 
 Below the equations, the command ``python -m diffmatch.ceg``: CEG pseudo labels for a data set, and
-CEG as an unsupervised change detector (§3.2, §4.4, §4.5.1; README §2). It reads ``ROOT/vlm/{A,B}``
+CEG as an unsupervised change detector (§3.2, §4.4, §4.5.1). It reads ``ROOT/vlm/{A,B}``
 for every id with VLM outputs and writes ``ROOT/<out-name>/change/<id>.png`` (the ``--mode`` change
 label: 0, 1, 255 = ignore) and ``ROOT/<out-name>/{A,B}/<id>.png`` (single-date masks at
 ``--seg-gamma``: 0, 1, 255). Resumable: an id whose three files exist is skipped unless ``--overwrite``.

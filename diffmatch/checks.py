@@ -14,13 +14,13 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from PIL import Image
 
 from diffmatch.cli import InputError, Progress
 from diffmatch.config import DataConfig
-from diffmatch.data import LABEL_FLAG, eval_ids, image_path, pseudo_hint
+from diffmatch.data import LABEL_FLAG, SemiSplit, eval_ids, image_path, pseudo_hint
 from diffmatch.images import read_label
 
 SHOWN = 5
@@ -51,58 +51,83 @@ def image_header(path: Path) -> tuple[tuple[int, int], int]:
     return size, bands
 
 
-def pair_problems(root: Path, sample_id: str, *, label: bool, pseudo_dir: str | None,
-                  label_threshold: int | None, absent: set[Path]) -> list[str]:
-    """What is wrong with the files of one id (empty when nothing is). Folders in ``absent`` are
-    reported elsewhere, once."""
-    problems: list[str] = []
+class Expected(NamedTuple):
+    """A file every id of a data set root must have in one folder."""
 
-    def size_of(folder: Path, hint: str, kind: str) -> tuple[int, int] | None:
-        if folder in absent:
-            return None
-        path = image_path(folder.parent, folder.name, sample_id)
-        if not path.is_file():
-            problems.append(f"{path}: file not found; {hint}")
-            return None
-        try:
-            if kind == "label":
-                return read_label(path, label_threshold, LABEL_FLAG).shape
-            size, bands = image_header(path)
-        except InputError as err:
-            problems.append(str(err))
-            return None
-        except Exception as err:  # PIL raises many types for broken files
-            problems.append(f"{path}: cannot read image ({err}); re-export it")
-            return None
-        if kind == "mask" and bands != 1:
-            problems.append(f"{path}: expected a single-band mask, found {bands} bands; {hint}")
-        return size
+    folder: Path
+    kind: Literal["image", "label", "mask"]
+    """``image``: decodes; ``label``: holds 0/255 or 0/1 (or is binarised); ``mask``: a single band."""
+    hint: str
+    """The fix named when the file is missing or unreadable."""
+    mismatch: str = ""
+    """The fix named when its size differs from the pre-event image's."""
 
-    def compare(size: tuple[int, int] | None, folder: Path, what: str) -> None:
-        if size is not None and size_a is not None and size != size_a:
-            path = image_path(folder.parent, folder.name, sample_id)
-            problems.append(f"{path}: size {size[1]}x{size[0]} differs from A's {size_a[1]}x{size_a[0]}; {what}")
 
-    size_a = size_of(root / "A", HINT, "image")
-    compare(size_of(root / "B", HINT, "image"), root / "B", "the two dates must be co-registered")
+def expected_files(root: Path, label: bool, pseudo_dir: str | None) -> list[Expected]:
+    """The files of each id under ``root``: the two dates first (A, then B), the label when ``label``, the CEG
+    outputs when ``pseudo_dir`` is given."""
+    files = [Expected(root / "A", "image", HINT),
+             Expected(root / "B", "image", HINT, "the two dates must be co-registered")]
     if label:
-        compare(size_of(root / "label", HINT, "label"), root / "label", "use the label of this image")
+        files.append(Expected(root / "label", "label", HINT, "use the label of this image"))
     if pseudo_dir is not None:
-        for folder in ("change", "A", "B"):
-            where = root / pseudo_dir / folder
-            compare(size_of(where, pseudo_hint(root, pseudo_dir), "mask"), where, pseudo_hint(root, pseudo_dir))
+        hint = pseudo_hint(root, pseudo_dir)
+        files += [Expected(root / pseudo_dir / folder, "mask", hint, hint) for folder in ("change", "A", "B")]
+    return files
+
+
+def file_size(expected: Expected, sample_id: str,
+              label_threshold: int | None) -> tuple[tuple[int, int] | None, list[str]]:
+    """(height, width) of the file of one id (None when it cannot be read) and what is wrong with it."""
+    path = image_path(expected.folder.parent, expected.folder.name, sample_id)
+    if not path.is_file():
+        return None, [f"{path}: file not found; {expected.hint}"]
+    try:
+        if expected.kind == "label":
+            return read_label(path, label_threshold, LABEL_FLAG).shape, []
+        size, bands = image_header(path)
+    except InputError as err:
+        return None, [str(err)]
+    except Exception as err:  # PIL raises many types for broken files
+        return None, [f"{path}: cannot read image ({err}); re-export it"]
+    if expected.kind == "mask" and bands != 1:
+        return size, [f"{path}: expected a single-band mask, found {bands} bands; {expected.hint}"]
+    return size, []
+
+
+def pair_problems(sample_id: str, files: list[Expected], *, label_threshold: int | None,
+                  absent: set[Path]) -> list[str]:
+    """What is wrong with the ``files`` of one id (``expected_files``; empty when nothing is). Folders in
+    ``absent`` are reported elsewhere, once."""
+    problems: list[str] = []
+    size_a = None
+    for index, expected in enumerate(files):
+        if expected.folder in absent:
+            continue
+        size, found = file_size(expected, sample_id, label_threshold)
+        problems += found
+        if index == 0:
+            size_a = size
+        elif size is not None and size_a is not None and size != size_a:
+            path = image_path(expected.folder.parent, expected.folder.name, sample_id)
+            problems.append(f"{path}: size {size[1]}x{size[0]} differs from A's {size_a[1]}x{size_a[0]}; "
+                            f"{expected.mismatch}")
     return problems
 
 
-def check_data(needs: list[Need], *, label_threshold: int | None = None, show: bool = True) -> float:
-    """Check every id of ``needs`` (each once); return the seconds taken. On problems, print the first
-    ``SHOWN`` (when ``show``) and raise ``InputError`` with their count."""
-    start = time.perf_counter()
+def merge(needs: list[Need]) -> dict[tuple[Path, str], tuple[bool, str | None]]:
+    """(root, id) -> (whether it needs a label, its pseudo-label folder), each pair once."""
     merged: dict[tuple[Path, str], tuple[bool, str | None]] = {}
     for need in needs:
         for sample_id in need.ids:
             label, pseudo = merged.get((need.root, sample_id), (False, None))
             merged[(need.root, sample_id)] = (label or need.label, pseudo or need.pseudo_dir)
+    return merged
+
+
+def absent_folders(needs: list[Need]) -> tuple[set[Path], list[str]]:
+    """The folders the ids of ``needs`` read from that do not exist, and one line for each (one for the
+    folders of a missing parent)."""
     problems, absent = [], set()
     folders = {(need.root / name, HINT) for need in needs if need.ids
                for name in ("A", "B", *(("label",) if need.label else ()))}
@@ -113,40 +138,53 @@ def check_data(needs: list[Need], *, label_threshold: int | None = None, show: b
             absent.add(folder)
             line = f"{folder.parent if not folder.parent.is_dir() else folder}: folder not found; {hint}"
             problems += [line] if line not in problems else []  # a missing parent: one line for its folders
+    return absent, problems
+
+
+def failure(problems: list[str], bad: int, pairs: int, seconds: float, show: bool) -> InputError:
+    """The error of a check that found ``problems`` in ``bad`` of ``pairs`` pairs, after printing the first
+    ``SHOWN`` of them (when ``show``)."""
+    if show:
+        for line in problems[:SHOWN]:
+            print(line, file=sys.stderr)
+        if len(problems) > SHOWN:
+            print(f"... and {len(problems) - SHOWN:,} more problems", file=sys.stderr, flush=True)
+    listed = "listed above" if len(problems) <= SHOWN else f"the first {SHOWN} above"
+    count = f"{len(problems):,} problem{'s' if len(problems) > 1 else ''}"
+    return InputError(f"data check: {count} in {bad:,} of {pairs:,} pairs ({listed}, found in {seconds:.1f} s); "
+                      "fix them and run again")
+
+
+def check_data(needs: list[Need], *, label_threshold: int | None = None, show: bool = True) -> float:
+    """Check every id of ``needs`` (each once); return the seconds taken. On problems, print the first
+    ``SHOWN`` (when ``show``) and raise ``InputError`` with their count."""
+    start = time.perf_counter()
+    merged = merge(needs)
+    absent, problems = absent_folders(needs)
     progress = Progress("check data", len(merged), "pairs", enabled=show)
     bad = 0
     for (root, sample_id), (label, pseudo) in merged.items():
-        found = pair_problems(root, sample_id, label=label, pseudo_dir=pseudo, label_threshold=label_threshold,
-                              absent=absent)
+        files = expected_files(root, label, pseudo)
+        found = pair_problems(sample_id, files, label_threshold=label_threshold, absent=absent)
         problems += found
-        needed = [root / name for name in ("A", "B", "label")[: 3 if label else 2]]
-        needed += [root / pseudo / name for name in ("change", "A", "B")] if pseudo is not None else []
-        bad += bool(found) or not absent.isdisjoint(needed)
+        bad += bool(found) or not absent.isdisjoint(expected.folder for expected in files)
         progress.step()
     seconds = time.perf_counter() - start
     if problems:
-        if show:
-            for line in problems[:SHOWN]:
-                print(line, file=sys.stderr)
-            if len(problems) > SHOWN:
-                print(f"... and {len(problems) - SHOWN:,} more problems", file=sys.stderr, flush=True)
-        listed = "listed above" if len(problems) <= SHOWN else f"the first {SHOWN} above"
-        count = f"{len(problems):,} problem{'s' if len(problems) > 1 else ''}"
-        raise InputError(f"data check: {count} in {bad:,} of {len(merged):,} pairs ({listed}, "
-                         f"found in {seconds:.1f} s); fix them and run again")
+        raise failure(problems, bad, len(merged), seconds, show)
     if show:
         print(f"data check: {len(merged):,} pairs, no problems ({seconds:.1f} s; --no-check-data skips it)",
               flush=True)
     return seconds
 
 
-def check_training_data(data: DataConfig, labeled: list[str], unlabeled: list[str], *, pseudo_dir: str | None,
-                        eval_splits: tuple[str, ...], show: bool = True) -> float:
-    """Check the labelled and unlabelled training ids (with pseudo labels when ``pseudo_dir`` is given)
-    and every evaluation split a run reads; return the seconds taken."""
-    needs = [Need(data.root, labeled, True, pseudo_dir), Need(data.unlabeled_root or data.root, unlabeled, False,
-                                                                pseudo_dir)]
-    needs += [Need(data.root, eval_ids(data, split), True, None) for split in dict.fromkeys(eval_splits)]
+def check_training_data(data: DataConfig, split: SemiSplit, *, pseudo_dir: str | None, eval_splits: tuple[str, ...],
+                        show: bool = True) -> float:
+    """Check the labelled and unlabelled training ids of ``split`` (with pseudo labels when ``pseudo_dir`` is
+    given) and every evaluation split a run reads; return the seconds taken."""
+    needs = [Need(data.root, split.labeled, True, pseudo_dir),
+             Need(data.unlabeled_root or data.root, split.unlabeled, False, pseudo_dir)]
+    needs += [Need(data.root, eval_ids(data, name), True, None) for name in dict.fromkeys(eval_splits)]
     return check_data(needs, label_threshold=data.label_threshold, show=show)
 
 

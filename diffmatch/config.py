@@ -2,7 +2,7 @@
 
 Each entry point parses its own ``Args`` with ``tyro.cli`` in its ``__main__`` block; functions take
 the sub-config they need (``DataConfig``, ``ModelConfig``, ...) or plain arguments, never the whole
-``Args``. Defaults are the paper's settings (§4.1.2) as listed in README §3.
+``Args``. Defaults are the paper's settings (§4.1.2).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Weak and strong views (README §3; UniMatch's transforms)."""
+    """Weak and strong views (§3.1; UniMatch's transforms)."""
 
     scale: tuple[float, float] = (0.8, 1.2)
     """Random rescale range of the long side (weak view)."""
@@ -94,7 +94,7 @@ class ModelConfig:
 
 @dataclass
 class CEGConfig:
-    """Change event generation from single-date VLM outputs (§3.2; README §2)."""
+    """Change event generation from single-date VLM outputs (§3.2; the file formats: docs/data.md)."""
 
     mode: CEGMode = "mixed"
     """Change labels to write: ``pixel`` (Eq. 7), ``instance`` (Eq. 8–10) or ``mixed`` (Eq. 11)."""
@@ -119,28 +119,11 @@ class CEGConfig:
 
 
 @dataclass
-class LossConfig:
-    """Loss terms and their weights (Eq. 1, 3, 14, 15). The switches are Table 7."""
+class Stabilisers:
+    """Remedies from the semi-supervised literature for a step that collapses on a small budget; none is in
+    the paper or the authors' code, all are off by default (what each does on the benchmark:
+    docs/benchmark.md)."""
 
-    tau: float = 0.95
-    """Confidence threshold τ of the FixMatch pseudo labels (Eq. 3)."""
-    lambda_c: float = 0.1
-    """Weight λ_c of the contrastive consistency loss (Eq. 15)."""
-    lambda_vl: float = 0.1
-    """Initial weight λ_vl of the VLM guidance loss, falling linearly to 0 (§4.1.2)."""
-    margin: float = 2.0
-    """Margin ε of the batch-balanced contrastive loss (Eq. 14)."""
-    vl_guidance: bool = True
-    """CEG change labels supervise the change head (§3.3)."""
-    seg_guidance: bool = True
-    """CEG single-date masks supervise the segmentation decoder (§3.5)."""
-    contrastive: bool = True
-    """Contrastive consistency regularisation on the segmentation features (§3.6)."""
-    distance: Distance = "pixel"
-    """Distance map of L_c (§3.6): ``pixel``, the L2 distance over the decoder channels at each pixel,
-    scaled by sqrt(64 / channels) so that at 256 channels it has the magnitude of the released code's;
-    ``authors``, the released code's ``pairwise_distance`` over the width axis of NCHW features, for
-    reproducing its tables term for term (README §5)."""
     warmup_iters: int = 0
     """Warm-up of ``fixmatch`` and ``diffmatch``: for the first this many iterations the terms trained on
     the model's own pseudo labels (L_u and the strong-view half of L_c) are held back; L_s, the labelled
@@ -167,6 +150,33 @@ class LossConfig:
     halve_supervised: bool = False
     """``supervised`` only: train on L_s / 2, the weight Eq. 1 gives L_s in the semi-supervised methods
     (a control of what the halving alone does). Off in the paper."""
+
+
+@dataclass
+class LossConfig:
+    """Loss terms and their weights (Eq. 1, 3, 14, 15). The switches are Table 7."""
+
+    tau: float = 0.95
+    """Confidence threshold τ of the FixMatch pseudo labels (Eq. 3)."""
+    lambda_c: float = 0.1
+    """Weight λ_c of the contrastive consistency loss (Eq. 15)."""
+    lambda_vl: float = 0.1
+    """Initial weight λ_vl of the VLM guidance loss, falling linearly to 0 (§4.1.2)."""
+    margin: float = 2.0
+    """Margin ε of the batch-balanced contrastive loss (Eq. 14)."""
+    vl_guidance: bool = True
+    """CEG change labels supervise the change head (§3.3)."""
+    seg_guidance: bool = True
+    """CEG single-date masks supervise the segmentation decoder (§3.5)."""
+    contrastive: bool = True
+    """Contrastive consistency regularisation on the segmentation features (§3.6)."""
+    distance: Distance = "pixel"
+    """Distance map of L_c (§3.6): ``pixel``, the L2 distance over the decoder channels at each pixel,
+    scaled by sqrt(64 / channels) so that at 256 channels it has the magnitude of the released code's;
+    ``authors``, the released code's ``pairwise_distance`` over the width axis of NCHW features, for
+    reproducing its tables term for term (docs/differences.md)."""
+    stabilise: Stabilisers = field(default_factory=Stabilisers)
+    """Additions to the step from the semi-supervised literature, all off in the paper."""
 
 
 @dataclass
@@ -264,6 +274,7 @@ def to_dict(config: object) -> dict:
 def from_dict(cls: type[T], values: dict) -> T:
     """Rebuild a (nested) config dataclass from ``to_dict``'s output."""
     hints = typing.get_type_hints(cls)
+    values = _moved_into_nested(cls, values)
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name not in values:
@@ -277,3 +288,20 @@ def from_dict(cls: type[T], values: dict) -> T:
             value = tuple(value)
         kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def _moved_into_nested(cls: type, values: dict) -> dict:
+    """``values`` with the keys that are no field of ``cls`` but one of a nested config moved into it: the
+    configs of runs saved before a setting moved (e.g. ``loss.warmup_iters``, now
+    ``loss.stabilise.warmup_iters``) still load."""
+    hints, names = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}
+    values = dict(values)
+    for f in dataclasses.fields(cls):
+        inner = hints[f.name]
+        if not dataclasses.is_dataclass(inner):
+            continue
+        moved = {k: values.pop(k) for k in [k for k in values if k not in names] if k in
+                 {g.name for g in dataclasses.fields(inner)}}
+        if moved:
+            values[f.name] = {**values.get(f.name, {}), **moved}
+    return values

@@ -1,4 +1,4 @@
-"""The data set layout of README §1: ids, splits, and the labelled, unlabelled and evaluation sets.
+"""The data set layout (docs/data.md): ids, splits, and the labelled, unlabelled and evaluation sets.
 
 ```
 ROOT/A/<id>.png  ROOT/B/<id>.png  ROOT/label/<id>.png  ROOT/list/{train,val,test}.txt
@@ -8,7 +8,6 @@ ROOT/pseudo/change/<id>.png  ROOT/pseudo/A/<id>.png  ROOT/pseudo/B/<id>.png    (
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -16,13 +15,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from diffmatch import augment
 from diffmatch.cli import InputError
 from diffmatch.config import IGNORE, AugmentConfig, DataConfig
 from diffmatch.images import IMAGE_EXTS, read_label, read_mask, read_rgb
 from diffmatch.pairs import images_in, read_id_list
+from diffmatch.sampling import sample_rng
 
 LABEL_FLAG = "--data.label-threshold"
 """The option named when a label has values other than 0/255 or 0/1."""
@@ -52,7 +52,7 @@ PUBLIC_SPLITS = Path(__file__).resolve().parent / "splits"
 
 def split_folder(split_dir: Path) -> Path:
     """The folder ``--data.split-dir`` names: a folder that exists, else for ``levir`` or ``whu`` the
-    public split lists shipped with the package (README §1)."""
+    public split lists shipped with the package (docs/data.md)."""
     if not split_dir.exists() and str(split_dir) in ("levir", "whu"):
         return PUBLIC_SPLITS / str(split_dir)
     return split_dir
@@ -153,20 +153,6 @@ def read_pseudo(root: Path, pseudo_dir: str, sample_id: str, shape: tuple[int, .
     return masks
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The random stream of one sample: the same in any worker process."""
-    return np.random.default_rng([seed, epoch, index])
-
-
-class EpochSampler(DistributedSampler):
-    """``DistributedSampler`` whose keys carry the epoch, ``epoch * len(dataset) + index``: the training
-    sets draw new augmentations every epoch, also in DataLoader workers that live across epochs."""
-
-    def __iter__(self) -> Iterator[int]:
-        offset = self.epoch * len(self.dataset)
-        return (offset + index for index in super().__iter__())
-
-
 # ----------------------------------------------------------------------------- datasets
 class LabeledSample(NamedTuple):
     """Weak view of a labelled pair. ``pseudo``, ``seg_a``, ``seg_b`` are the CEG labels (all 255
@@ -205,18 +191,33 @@ class EvalSample(NamedTuple):
     id: str
 
 
+class ViewOptions(NamedTuple):
+    """What the labelled and unlabelled training sets share: how their pairs are cut and augmented, and
+    where their CEG labels are."""
+
+    crop_size: int
+    """Side of the square training crop (weak view)."""
+    augment: AugmentConfig
+    """Weak and strong views (``augment``)."""
+    pseudo_dir: str | None = None
+    """Folder of the CEG labels under the root (``change/``, ``A/``, ``B/``); None: not loaded (all 255)."""
+
+
 class _PairSet(Dataset):
     """Shared part of the training sets: ids, pseudo labels, per-sample random streams. A key
-    ``epoch * len(self) + index`` gives sample ``index`` as drawn in ``epoch`` (``EpochSampler``)."""
+    ``epoch * len(self) + index`` gives sample ``index`` as drawn in ``epoch`` (``sampling.EpochSampler``)."""
 
-    def __init__(self, root: Path, ids: list[str], *, crop_size: int, augment_cfg: AugmentConfig,
-                 pseudo_dir: str | None, seed: int, need_label: bool, label_threshold: int | None = None) -> None:
-        folders = ("A", "B", "label") if need_label else ("A", "B")
+    NEED_LABEL = False
+    """Whether every id must have ``label/<id>``."""
+
+    def __init__(self, root: Path, ids: list[str], *, views: ViewOptions, seed: int,
+                 label_threshold: int | None = None) -> None:
+        folders = ("A", "B", "label") if self.NEED_LABEL else ("A", "B")
         require_files(root, ids, folders, "check the data set root and its list files")
-        if pseudo_dir is not None:
-            require_files(root / pseudo_dir, ids, ("change", "A", "B"), pseudo_hint(root, pseudo_dir))
-        self.root, self.ids, self.crop_size, self.cfg = root, ids, crop_size, augment_cfg
-        self.pseudo_dir, self.seed = pseudo_dir, seed
+        if views.pseudo_dir is not None:
+            require_files(root / views.pseudo_dir, ids, ("change", "A", "B"), pseudo_hint(root, views.pseudo_dir))
+        self.root, self.ids, self.crop_size, self.cfg = root, ids, views.crop_size, views.augment
+        self.pseudo_dir, self.seed = views.pseudo_dir, seed
         self.read_label = partial(read_label, threshold=label_threshold, flag=LABEL_FLAG)
 
     def index_and_rng(self, key: int) -> tuple[int, np.random.Generator]:
@@ -239,36 +240,35 @@ class _PairSet(Dataset):
 
 
 class LabeledSet(_PairSet):
-    """Labelled training pairs (weak view), with CEG labels when ``pseudo_dir`` is given; labels are
+    """Labelled training pairs (weak view), with CEG labels when ``views.pseudo_dir`` is given; labels are
     binarised at ``label_threshold`` when given (``images.read_label``)."""
 
-    def __init__(self, root: Path, ids: list[str], *, crop_size: int, augment_cfg: AugmentConfig,
-                 pseudo_dir: str | None = None, seed: int = 0, label_threshold: int | None = None) -> None:
-        super().__init__(root, ids, crop_size=crop_size, augment_cfg=augment_cfg, pseudo_dir=pseudo_dir,
-                         seed=seed, need_label=True, label_threshold=label_threshold)
+    NEED_LABEL = True
+
+    def __init__(self, root: Path, ids: list[str], *, views: ViewOptions, seed: int = 0,
+                 label_threshold: int | None = None) -> None:
+        super().__init__(root, ids, views=views, seed=seed, label_threshold=label_threshold)
 
     def __getitem__(self, key: int) -> LabeledSample:
         index, rng = self.index_and_rng(key)
         a, b, masks = self._load(index, with_label=True)
-        a, b, masks = augment.weak_view(a, b, masks, self.cfg, self.crop_size, rng)
+        (a, b), masks = augment.weak_view([a, b], masks, self.cfg, self.crop_size, rng)
         return LabeledSample(augment.image_to_tensor(a), augment.image_to_tensor(b),
                              *(augment.mask_to_tensor(m) for m in masks))
 
 
 class UnlabeledSet(_PairSet):
     """Unlabelled training pairs: weak view, strong view (jitter and blur drawn per date) and CutMix
-    box, with CEG labels when ``pseudo_dir`` is given."""
+    box, with CEG labels when ``views.pseudo_dir`` is given."""
 
-    def __init__(self, root: Path, ids: list[str], *, crop_size: int, augment_cfg: AugmentConfig,
-                 pseudo_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__(root, ids, crop_size=crop_size, augment_cfg=augment_cfg, pseudo_dir=pseudo_dir,
-                         seed=seed, need_label=False)
+    def __init__(self, root: Path, ids: list[str], *, views: ViewOptions, seed: int = 0) -> None:
+        super().__init__(root, ids, views=views, seed=seed)
 
     def __getitem__(self, key: int) -> UnlabeledSample:
         index, rng = self.index_and_rng(key)
         a, b, masks = self._load(index, with_label=False)
         padding = Image.new("L", a.size, 0)
-        a, b, (padding, *masks) = augment.weak_view(a, b, [padding, *masks], self.cfg, self.crop_size, rng)
+        (a, b), (padding, *masks) = augment.weak_view([a, b], [padding, *masks], self.cfg, self.crop_size, rng)
         a_strong, b_strong = augment.strong_view(a, self.cfg, rng), augment.strong_view(b, self.cfg, rng)
         box = augment.cutmix_box(self.crop_size, self.cfg, rng)
         to_image = augment.image_to_tensor

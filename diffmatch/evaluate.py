@@ -1,4 +1,4 @@
-"""Evaluation: change logits of pairs of any size by sliding windows, the metrics of README §4 over a
+"""Evaluation: change logits of pairs of any size by sliding windows, the metrics over a
 whole split (Eq. 16–17), per-image CSV, result pictures, and the command.
 
     python -m diffmatch.evaluate --checkpoint runs/diffmatch/best.pt --data.root LEVIR-CD256
@@ -27,17 +27,33 @@ from torch.utils.data import DataLoader
 from diffmatch import augment
 from diffmatch.atomic import atomic_path, write_json
 from diffmatch.augment import MEAN, STD
+from diffmatch.checkpoint import model_from_checkpoint
 from diffmatch.cli import InputError, Progress
 from diffmatch.config import DataConfig
 from diffmatch.data import EvalSet, eval_set, leak_warning
+from diffmatch.device import autocast, pick_device
 from diffmatch.metrics import Confusion, confusion, format_scores, scores
-from diffmatch.model import autocast, model_from_checkpoint, pick_device
 from diffmatch.pairs import read_id_list
 from diffmatch.png import write_png
 
-# ----------------------------------------------------------------------------- sliding windows
 
-Reduce = Callable[[Tensor], Tensor]
+# ----------------------------------------------------------------------------- sliding windows
+class Windows(NamedTuple):
+    """Sliding-window options of prediction and evaluation."""
+
+    tile: int = 256
+    """Side of the square windows; a pair that fits one is predicted whole."""
+    overlap: int | None = None
+    """Pixels that neighbouring windows share; None: a quarter of the tile."""
+    batch_size: int = 8
+    """Windows (or whole pairs) per forward pass: this, not the image size, bounds the memory in the model."""
+    amp: bool = False
+    """bf16 autocast on CUDA."""
+
+    @property
+    def shared(self) -> int:
+        """The overlap in pixels."""
+        return self.tile // 4 if self.overlap is None else self.overlap
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -72,37 +88,53 @@ def model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-@torch.no_grad()
-def slide(model: nn.Module, a: Tensor, b: Tensor, *, reduce: Reduce, channels: int, tile: int, overlap: int,
-          batch_size: int, on_batch: Callable[[int], None] | None = None) -> Tensor:
-    """(N, channels, H, W) float32 on ``a``'s device: ``reduce`` of the change logits of ``w_cr``,
-    averaged over the overlapping windows (``reduce`` maps (B, 2, h, w) logits to (B, channels, h, w)).
+class Head(NamedTuple):
+    """What ``slide`` averages over the windows."""
 
-    ``a`` and ``b`` are (N, 3, H, W), normalised float or uint8; windows of ``tile`` x ``tile`` with
-    ``overlap`` pixels in common run ``batch_size`` at a time on the model's device, so memory in the
-    model depends on the window batch, not the image. ``on_batch`` is told how many windows just ran.
-    """
+    run: Callable[[Tensor, Tensor], Tensor]
+    """Maps a batch of window pairs (B, 3, h, w), as cut from the images, to values (B, channels, h, w)."""
+    channels: int
+    """Channels of the values."""
+
+
+def change_head(model: nn.Module, reduce: Callable[[Tensor], Tensor], channels: int) -> Head:
+    """``reduce`` of the float32 change logits of ``w_cr`` on window pairs moved to the model's device
+    (normalised float, or uint8 normalised there); ``reduce`` maps (B, 2, h, w) to (B, channels, h, w)."""
+    device = model_device(model)
+
+    def run(a: Tensor, b: Tensor) -> Tensor:
+        logits = model(normalise(a.to(device)), normalise(b.to(device)), change_only=True).change
+        return reduce(logits.float())
+
+    return Head(run, channels)
+
+
+@torch.no_grad()
+def slide(head: Head, a: Tensor, b: Tensor, *, windows: Windows,
+          on_batch: Callable[[int], None] | None = None) -> Tensor:
+    """(N, head.channels, H, W) float32 on ``a``'s device: ``head``'s values of the windows of (N, 3, H, W)
+    pairs (normalised float or uint8), averaged where windows overlap. Windows run ``windows.batch_size``
+    at a time, so the memory in the model depends on the window batch, not the image. ``on_batch`` is told
+    how many windows just ran."""
     n, _, height, width = a.shape
     if b.shape != a.shape:
         raise ValueError(f"pre-event shape {tuple(a.shape)} differs from post-event {tuple(b.shape)}")
-    device, windows = model_device(model), window_grid(height, width, tile, overlap)
-    th, tw = min(tile, height), min(tile, width)
-    out = torch.zeros((n, channels, height, width), dtype=torch.float32, device=a.device)
+    grid = window_grid(height, width, windows.tile, windows.shared)
+    th, tw = min(windows.tile, height), min(windows.tile, width)
+    out = torch.zeros((n, head.channels, height, width), dtype=torch.float32, device=a.device)
     # Windows form a grid, so the number covering (y, x) is rows(y) * cols(x): two vectors, no count map.
     rows = torch.zeros(height, dtype=torch.float32, device=a.device)
     cols = torch.zeros(width, dtype=torch.float32, device=a.device)
-    for y in sorted({y for y, _ in windows}):
+    for y in sorted({y for y, _ in grid}):
         rows[y : y + th] += 1
-    for x in sorted({x for _, x in windows}):
+    for x in sorted({x for _, x in grid}):
         cols[x : x + tw] += 1
-    items = [(i, y, x) for i in range(n) for y, x in windows]  # small pairs batch across images
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        crops_a = torch.stack([a[i, :, y : y + th, x : x + tw] for i, y, x in chunk]).to(device)
-        crops_b = torch.stack([b[i, :, y : y + th, x : x + tw] for i, y, x in chunk]).to(device)
-        logits = model(normalise(crops_a), normalise(crops_b), change_only=True).change
-        values = reduce(logits.float()).to(a.device)
-        for (i, y, x), window in zip(chunk, values, strict=True):
+    items = [(i, y, x) for i in range(n) for y, x in grid]  # small pairs batch across images
+    for start in range(0, len(items), windows.batch_size):
+        chunk = items[start : start + windows.batch_size]
+        crops_a = torch.stack([a[i, :, y : y + th, x : x + tw] for i, y, x in chunk])
+        crops_b = torch.stack([b[i, :, y : y + th, x : x + tw] for i, y, x in chunk])
+        for (i, y, x), window in zip(chunk, head.run(crops_a, crops_b).to(a.device), strict=True):
             out[i, :, y : y + th, x : x + tw] += window
         if on_batch is not None:
             on_batch(len(chunk))
@@ -111,21 +143,21 @@ def slide(model: nn.Module, a: Tensor, b: Tensor, *, reduce: Reduce, channels: i
     return out
 
 
-def change_logits(model: nn.Module, a: Tensor, b: Tensor, *, tile: int = 256, overlap: int = 64,
-                  batch_size: int = 8) -> Tensor:
+def change_logits(model: nn.Module, a: Tensor, b: Tensor, *, windows: Windows) -> Tensor:
     """(N, 2, H, W) change logits of ``w_cr`` on ``a``'s device for (N, 3, H, W) pairs (normalised
-    float, or uint8), averaged over windows of ``tile`` with ``overlap`` (one window when it fits)."""
-    return slide(model, a, b, reduce=lambda logits: logits, channels=2, tile=tile, overlap=overlap,
-                 batch_size=batch_size)
+    float, or uint8), averaged over the sliding ``windows`` (one window when it fits)."""
+    with autocast(model_device(model), windows.amp):
+        return slide(change_head(model, lambda logits: logits, 2), a, b, windows=windows)
 
 
-def change_margin(model: nn.Module, a: Tensor, b: Tensor, *, tile: int = 256, overlap: int = 64,
-                  batch_size: int = 8, on_batch: Callable[[int], None] | None = None) -> Tensor:
+def change_margin(model: nn.Module, a: Tensor, b: Tensor, *, windows: Windows,
+                  on_batch: Callable[[int], None] | None = None) -> Tensor:
     """(N, H, W) float32 on ``a``'s device: change logit minus no-change logit, averaged over the
     windows. Half the memory of ``change_logits``; ``sigmoid`` of it is the change probability (the
     softmax of two classes) and ``> 0`` is the argmax."""
-    return slide(model, a, b, reduce=lambda logits: logits[:, 1:] - logits[:, :1], channels=1, tile=tile,
-                 overlap=overlap, batch_size=batch_size, on_batch=on_batch)[:, 0]
+    head = change_head(model, lambda logits: logits[:, 1:] - logits[:, :1], 1)
+    with autocast(model_device(model), windows.amp):
+        return slide(head, a, b, windows=windows, on_batch=on_batch)[:, 0]
 
 
 # ----------------------------------------------------------------------------- a split
@@ -153,28 +185,40 @@ def visualise(a: torch.Tensor, b: torch.Tensor, label: torch.Tensor, pred: torch
     return np.concatenate([rgb(a), gap, rgb(b), gap, gt, gap, colours], axis=1)
 
 
+class Report(NamedTuple):
+    """What an evaluation writes besides its scores."""
+
+    vis_dir: Path | None = None
+    """Write A | B | ground truth | prediction pictures here, one per pair (``visualise``)."""
+    progress: bool = False
+    """Print a progress line over the pairs on stderr."""
+
+
+NO_REPORT = Report()
+"""No pictures, no progress line."""
+
+
 @torch.no_grad()
-def evaluate_model(model: nn.Module, dataset: EvalSet, *, device: torch.device, tile: int = 256,
-                   overlap: int | None = None, batch_size: int = 8, num_workers: int = 0, amp: bool = False,
-                   vis_dir: Path | None = None, progress: bool = False) -> Evaluation:
-    """Run the model over a split and pool one confusion matrix (not a mean of per-image scores).
-    Pairs larger than ``tile`` are predicted with windows overlapping by ``overlap`` (default tile / 4)."""
+def evaluate_model(model: nn.Module, dataset: EvalSet, *, windows: Windows, num_workers: int = 0,
+                   report: Report = NO_REPORT) -> Evaluation:
+    """Run the model over a split on the model's device and pool one confusion matrix (not a mean of
+    per-image scores). Pairs load ``windows.batch_size`` at a time; those larger than the tile are
+    predicted with sliding ``windows``."""
     model.eval()
-    overlap = tile // 4 if overlap is None else overlap
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    device = model_device(model)
+    loader = DataLoader(dataset, batch_size=windows.batch_size, num_workers=num_workers)
     total, per_image = Confusion(), {}
-    shown = Progress("evaluate", len(dataset), "pairs", file=sys.stderr, enabled=progress)
+    shown = Progress("evaluate", len(dataset), "pairs", file=sys.stderr, enabled=report.progress)
     try:
         for batch in loader:
-            a, b = batch.a.to(device), batch.b.to(device)
-            with autocast(device, amp):
-                pred = change_logits(model, a, b, tile=tile, overlap=overlap, batch_size=batch_size).argmax(1)
+            pred = change_logits(model, batch.a.to(device), batch.b.to(device), windows=windows).argmax(1)
             for i, sample_id in enumerate(batch.id):
                 counts = confusion(pred[i].cpu(), batch.label[i])
                 per_image[sample_id] = counts
                 total = total + counts
-                if vis_dir is not None:
-                    write_png(vis_dir / f"{sample_id}.png", visualise(batch.a[i], batch.b[i], batch.label[i], pred[i]))
+                if report.vis_dir is not None:
+                    picture = visualise(batch.a[i], batch.b[i], batch.label[i], pred[i])
+                    write_png(report.vis_dir / f"{sample_id}.png", picture)
             shown.step(len(batch.id))
     except RuntimeError as err:
         if "stack expects each tensor to be equal size" in str(err):
@@ -239,9 +283,9 @@ def main(args: Args) -> dict[str, float]:
     labelled = args.checkpoint.parent / "labeled.txt"  # written by train beside its checkpoints
     if labelled.is_file() and (warning := leak_warning(read_id_list(labelled), dataset.ids, args.split)):
         print(warning, file=sys.stderr, flush=True)
-    result = evaluate_model(model, dataset, device=device, tile=args.tile or train_args.data.crop_size,
-                            overlap=args.overlap, batch_size=args.batch_size, num_workers=args.num_workers,
-                            amp=args.amp, vis_dir=args.save_vis, progress=True)
+    windows = Windows(args.tile or train_args.data.crop_size, args.overlap, args.batch_size, args.amp)
+    result = evaluate_model(model, dataset, windows=windows, num_workers=args.num_workers,
+                            report=Report(vis_dir=args.save_vis, progress=True))
     print(format_scores(f"{args.split} ({len(dataset)} pairs)", result.scores))
     out = args.out_json or args.checkpoint.parent / f"eval_{args.split}.json"
     write_json(out, {"checkpoint": str(args.checkpoint), "split": args.split, "pairs": len(dataset),

@@ -51,11 +51,23 @@ def flexmatch_thresholds(confident: Tensor, predicted: Tensor, unseen: float, ta
     return (tau * beta / (2 - beta)).float()
 
 
-def unsupervised_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float | Tensor, *,
-                    ignore_index: int) -> Tensor:
+class PseudoLabels(NamedTuple):
+    """Pseudo labels of the strong view (Eq. 3) with what decides which pixels train: (N, H, W) each."""
+
+    label: Tensor
+    """Hard labels (argmax of the weak view's prediction)."""
+    conf: Tensor
+    """Their confidences."""
+    valid: Tensor
+    """False on padding."""
+    tau: float | Tensor
+    """τ: one threshold, or a per-pixel map (class-wise thresholds)."""
+
+
+def unsupervised_ce(logits: Tensor, pseudo: PseudoLabels, *, ignore_index: int) -> Tensor:
     """L_u (Eq. 3) as FixMatch/UniMatch compute it: sum(CE * [conf >= τ] * valid) / sum(valid)."""
-    ce = F.cross_entropy(logits, pseudo.long(), ignore_index=ignore_index, reduction="none")
-    return (ce * confidence_weight(conf, valid, tau)).sum() / _count(valid)
+    ce = F.cross_entropy(logits, pseudo.label.long(), ignore_index=ignore_index, reduction="none")
+    return (ce * confidence_weight(pseudo.conf, pseudo.valid, pseudo.tau)).sum() / _count(pseudo.valid)
 
 
 def _contrastive_terms(distance: Tensor, margin: float) -> tuple[Tensor, Tensor]:
@@ -78,15 +90,13 @@ def contrastive_balanced(distance: Tensor, target: Tensor, margin: float = 2.0) 
     return (pull * unchanged).sum() / _count(unchanged) + (push * changed).sum() / _count(changed)
 
 
-def contrastive_weighted(
-    distance: Tensor, pseudo: Tensor, conf: Tensor, valid: Tensor, tau: float | Tensor, margin: float = 2.0
-) -> Tensor:
+def contrastive_weighted(distance: Tensor, pseudo: PseudoLabels, margin: float = 2.0) -> Tensor:
     """Contrastive loss (Eq. 14) on the strong view: the per-pixel term for the pseudo label, weighted
     like ``unsupervised_ce``: sum(l * [conf >= τ] * valid) / sum(valid). Pixels labelled other than 0
     or 1 (the ignore index) give 0."""
     pull, push = _contrastive_terms(distance, margin)
-    per_pixel = pull * (pseudo == 0) + push * (pseudo == 1)
-    return (per_pixel * confidence_weight(conf, valid, tau)).sum() / _count(valid)
+    per_pixel = pull * (pseudo.label == 0) + push * (pseudo.label == 1)
+    return (per_pixel * confidence_weight(pseudo.conf, pseudo.valid, pseudo.tau)).sum() / _count(pseudo.valid)
 
 
 def ceg_ce_mean(logits: Tensor, target: Tensor, *, ignore_index: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""Change-detection metrics from one confusion matrix over a whole split (Eq. 16–17; README §4)."""
+"""Change-detection metrics from one confusion matrix over a whole split (Eq. 16–17)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The DiffMatch network (§3.4–3.7): siamese encoder, difference decoder with the dual projection head,
-and the weight-shared segmentation decoder whose features give the distance map of §3.6; its SGD
-optimiser (§4.1.2), the device and bf16 choice of every command, and the training checkpoints.
+and the weight-shared segmentation decoder whose features give the distance map of §3.6; and its SGD
+optimiser's parameter groups (§4.1.2).
 
     a, b ──encoder──> f_A, f_B ──|f_A - f_B|──> difference decoder ──> w_cr: change, w_vl: change_vl
                         │    └──────────────> segmentation decoder ──> q_B, seg_b
@@ -10,18 +10,15 @@ optimiser (§4.1.2), the device and bf16 choice of every command, and the traini
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmatch.atomic import atomic_path
-from diffmatch.cli import InputError
-from diffmatch.config import Backbone, Distance, ModelConfig, OptimConfig, TrainArgs, from_dict, to_dict
+from diffmatch.config import Backbone, Distance, ModelConfig, OptimConfig
 from diffmatch.decoders import DifferenceDecoder, SegmentationDecoder
-from diffmatch.encoder import SiameseEncoder, read_torch_file
+from diffmatch.encoder import SiameseEncoder
 
 
 class ModelOutput(NamedTuple):
@@ -96,7 +93,7 @@ def distance(q_a: Tensor, q_b: Tensor, size: tuple[int, int] | torch.Size) -> Te
     Eq. 14), times sqrt(64 / C).
 
     The factor gives the sum of 64 squared differences the magnitude the released code's distance has
-    at 256 px crops (README §5), whatever the decoder width C, so that the paper's margin ε = 2 and
+    at 256 px crops (docs/differences.md), whatever the decoder width C, so that the paper's margin ε = 2 and
     λ_c = 0.1 keep their meaning. Its gradient at ``q_a == q_b`` is 0, not NaN.
     """
     scale = (REFERENCE_WIDTH / q_a.shape[1]) ** 0.5
@@ -146,98 +143,3 @@ def build_optimizer(model: DiffMatchNet, cfg: OptimConfig) -> torch.optim.SGD:
     """SGD with momentum over ``param_groups`` (§4.1.2); the poly schedule sets each group's ``lr``."""
     groups = param_groups(model, lr=cfg.lr, decoder_lr_mult=cfg.decoder_lr_mult, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-
-
-def count_parameters(model: DiffMatchNet) -> dict[str, int]:
-    """Number of parameters of each part (BatchNorm buffers excluded) and in total."""
-
-    def count(module: nn.Module | None) -> int:
-        return 0 if module is None else sum(p.numel() for p in module.parameters())
-
-    diff = model.diff_decoder
-    return {
-        "encoder": count(model.encoder),
-        "difference_decoder": count(diff.mlp),
-        "w_cr": count(diff.w_cr),
-        "w_vl": count(diff.w_vl),
-        "segmentation_decoder": count(model.seg_decoder),
-        "total": count(model),
-    }
-
-
-# ----------------------------------------------------------------------------- device and bf16
-def pick_device(name: str | None) -> torch.device:
-    """The device of ``--device``, or cuda when available."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
-def use_bf16(amp: bool, device: torch.device) -> bool:
-    """Whether ``--amp`` turns bf16 autocast on: on CUDA only, float32 elsewhere."""
-    return amp and device.type == "cuda"
-
-
-def autocast(device: torch.device, amp: bool) -> torch.autocast:
-    """bf16 autocast on ``device`` when ``use_bf16``; a no-op otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(amp, device))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, *, model: nn.Module, args: TrainArgs, epoch: int, iteration: int,
-                    best_score: float, optimizer: torch.optim.Optimizer | None = None,
-                    teacher: nn.Module | None = None, learning_status: dict | None = None) -> None:
-    """Write a checkpoint atomically: model and optimiser state, progress (``epoch`` epochs done,
-    ``iteration`` steps done), best validation score, RNG states, the resolved config, and the EMA teacher
-    and FlexMatch's learning status if there are."""
-    state: dict[str, Any] = {
-        "model": model.state_dict(),
-        "epoch": epoch,
-        "iteration": iteration,
-        "best_score": best_score,
-        "config": to_dict(args),
-        "rng": torch.get_rng_state(),
-    }
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    if teacher is not None:
-        state["teacher"] = teacher.state_dict()
-    if learning_status is not None:
-        state["learning_status"] = learning_status
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """A checkpoint's contents, loaded with ``weights_only=True`` (no code runs from the file)."""
-    fix = "pass the last.pt or best.pt of a training run (a truncated one: use the run's other checkpoint or retrain)"
-    state = read_torch_file(path, what="checkpoint", device=device, fix=fix)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise InputError(f"{path}: not a diffmatch checkpoint (no model or config); "
-                         "train with python -m diffmatch.train")
-    return state
-
-
-def model_from_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[DiffMatchNet, TrainArgs]:
-    """The trained network (eval mode, on ``device``) and the config it was trained with."""
-    state = load_checkpoint(path, device)
-    args = from_dict(TrainArgs, state["config"])
-    model = build_model(args.model_for_inference)
-    load_state(model, state["model"], path)
-    return model.to(device).eval(), args
-
-
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load a state dict strictly; a mismatch (another backbone, a foreign file) names the file."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise InputError(f"{path}: weights do not fit this model ({first[:200]}); "
-                         "check --model.backbone or the checkpoint") from None

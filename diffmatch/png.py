@@ -28,9 +28,11 @@ FILTER_TYPES = np.array([0, 2, 1, 4], dtype=np.uint8)
 """PNG filter type bytes of none, up, sub and Paeth, in the order Pillow tries them."""
 
 
-def _select(condition: np.ndarray, x: np.ndarray, y: np.ndarray, out: np.ndarray, mask: np.ndarray,
-            work: np.ndarray) -> None:
-    """``out = np.where(condition, x, y)`` for uint8 arrays, as bit operations; ``out`` may be ``y``."""
+def _select(condition: np.ndarray, x: np.ndarray, y: np.ndarray, out: np.ndarray,
+            scratch: tuple[np.ndarray, np.ndarray]) -> None:
+    """``out = np.where(condition, x, y)`` for uint8 arrays, as bit operations, with two uint8 work arrays of
+    their size; ``out`` may be ``y``."""
+    mask, work = scratch
     np.negative(condition.view(np.uint8), out=mask)  # 255 where the condition holds
     np.bitwise_and(np.bitwise_xor(x, y, out=work), mask, out=work)
     np.bitwise_xor(y, work, out=out)
@@ -92,8 +94,8 @@ class GrayEncoder:
         np.bitwise_or(pc, np.negative(one_side.view(np.uint8), out=work), out=pc)
         np.less_equal(pb, pc, out=pick_b)
         np.logical_and(np.less_equal(pa, pb, out=pick_a), np.less_equal(pa, pc, out=work.view(bool)), out=pick_a)
-        _select(pick_b, b, c, predictor, pa, pb)
-        _select(pick_a, a, predictor, predictor, pa, pb)
+        _select(pick_b, b, c, predictor, (pa, pb))
+        _select(pick_a, a, predictor, predictor, (pa, pb))
         np.subtract(x, predictor, out=paeth)
         rows = self._candidates.reshape(4 * height, stride)
         rows[:, 0] = 0

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffmatch.checkpoint import model_from_checkpoint
 from diffmatch.cli import InputError, Progress
-from diffmatch.evaluate import change_margin, model_device, window_grid
+from diffmatch.device import pick_device
+from diffmatch.evaluate import Windows, change_margin, window_grid
 from diffmatch.geotiff import TIFF_EXTS, GeoTags, geo_tags, write_tiff
 from diffmatch.images import no_pixel_limit, pair_size, read_rgb
-from diffmatch.model import autocast, model_from_checkpoint, pick_device
 from diffmatch.pairs import find_pairs
 from diffmatch.png import write_png
 
@@ -131,19 +132,18 @@ def as_batch(image: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
 
 
-def predict_margin(model: nn.Module, a: np.ndarray, b: np.ndarray, *, tile: int, overlap: int,
-                   batch_size: int = 8, amp: bool = False, name: str = "pair") -> np.ndarray:
-    """(H, W) float32 change-minus-no-change logits of a uint8 (H, W, 3) pair, averaged over windows.
+def predict_margin(model: nn.Module, a: np.ndarray, b: np.ndarray, *, windows: Windows,
+                   name: str = "pair") -> np.ndarray:
+    """(H, W) float32 change-minus-no-change logits of a uint8 (H, W, 3) pair, averaged over the sliding
+    ``windows`` (their overlap given).
 
     The pair stays on the CPU as uint8; only window batches go to the model's device. A pair of more
     than ``WINDOW_PROGRESS`` windows prints a progress line named ``name`` over its windows.
     """
-    count = len(window_grid(a.shape[0], a.shape[1], tile, overlap))
+    count = len(window_grid(a.shape[0], a.shape[1], windows.tile, windows.shared))
     progress = Progress(name, count, "windows") if count > WINDOW_PROGRESS else None
-    device = model_device(model)
-    with autocast(device, amp):
-        margin = change_margin(model, as_batch(a), as_batch(b), tile=tile, overlap=overlap,
-                               batch_size=batch_size, on_batch=progress.step if progress else None)
+    margin = change_margin(model, as_batch(a), as_batch(b), windows=windows,
+                           on_batch=progress.step if progress else None)
     return margin[0].numpy()
 
 
@@ -170,6 +170,52 @@ def pairs_of(args: Args) -> dict[str, tuple[Path, Path, Path]]:
     return {args.out.stem: (args.a, args.b, args.out)}
 
 
+def outputs_of(args: Args, mask_path: Path) -> list[Path]:
+    """The files ``args`` asks for of the pair whose mask is ``mask_path`` (``output_paths``)."""
+    return output_paths(mask_path, args.probability, args.overlay, folder=args.src is not None)
+
+
+def windows_of(args: Args, crop_size: int) -> Windows:
+    """The sliding windows of ``--tile`` (default the training crop ``crop_size``), ``--overlap`` (default a
+    quarter of the tile), ``--batch-size`` and ``--amp``."""
+    tile = crop_size if args.tile is None else args.tile
+    overlap = tile // 4 if args.overlap is None else args.overlap
+    if tile < 1 or not 0 <= overlap < tile:
+        raise InputError(f"--tile {tile} --overlap {overlap}: need tile >= 1 and 0 <= overlap < tile")
+    return Windows(tile, overlap, args.batch_size, args.amp)
+
+
+def refuse_overwriting_inputs(args: Args, pairs: dict[str, tuple[Path, Path, Path]]) -> None:
+    """An ``InputError`` when an output of a pair would replace an input image of any pair."""
+    inputs = {path.resolve() for path_a, path_b, _ in pairs.values() for path in (path_a, path_b)}
+    for _, _, mask_path in pairs.values():
+        for path in outputs_of(args, mask_path):
+            if path.resolve() in inputs:
+                raise InputError(f"--out {args.out}: would overwrite the input image {path}; choose another --out")
+
+
+def predict_pair(model: nn.Module, pair_id: str, paths: tuple[Path, Path, Path], args: Args,
+                 windows: Windows) -> None:
+    """Predict one pair (A file, B file, mask path) and write the mask and the extra outputs ``args`` asks for,
+    geo-referenced like the pre-event image when the mask is a TIFF."""
+    path_a, path_b, mask_path = paths
+    with no_pixel_limit():  # large scenes are expected here; the window batch bounds the model's memory
+        pair_size({"A": path_a, "B": path_b})
+        a, b = read_rgb(path_a), read_rgb(path_b)
+    geo = geo_tags(path_a) if mask_path.suffix.lower() in TIFF_EXTS else None
+    if geo is not None and geo_tags(path_b) not in (None, geo):
+        print(f"note: {path_b} is geo-referenced differently from {path_a}; the outputs carry the latter's",
+              flush=True)
+    margin = predict_margin(model, a, b, windows=windows, name=pair_id)
+    mask = change_mask(margin, args.threshold)
+    outputs = outputs_of(args, mask_path)
+    write_output(outputs[0], mask, geo)
+    if args.probability:
+        write_output(outputs[1], probability_image(margin), geo)
+    if args.overlay:
+        write_output(outputs[-1], overlay_image(b, mask), geo)
+
+
 def main(args: Args) -> list[Path]:
     """Predict every pair whose outputs are missing (or all, with ``--overwrite`` or one pair); return
     the masks written."""
@@ -179,38 +225,14 @@ def main(args: Args) -> list[Path]:
     pairs = pairs_of(args)
     device = pick_device(args.device)
     model, train_args = model_from_checkpoint(args.checkpoint, device)
-    tile = train_args.data.crop_size if args.tile is None else args.tile
-    overlap = tile // 4 if args.overlap is None else args.overlap
-    if tile < 1 or not 0 <= overlap < tile:
-        raise InputError(f"--tile {tile} --overlap {overlap}: need tile >= 1 and 0 <= overlap < tile")
-    inputs = {path.resolve() for path_a, path_b, _ in pairs.values() for path in (path_a, path_b)}
-    for _, _, mask_path in pairs.values():
-        for path in output_paths(mask_path, args.probability, args.overlay, folder=args.src is not None):
-            if path.resolve() in inputs:
-                raise InputError(f"--out {args.out}: would overwrite the input image {path}; choose another --out")
+    windows = windows_of(args, train_args.data.crop_size)
+    refuse_overwriting_inputs(args, pairs)
     resume = args.src is not None and not args.overwrite
     progress, written = Progress("predict", len(pairs), "pairs"), []
-    for pair_id, (path_a, path_b, mask_path) in pairs.items():
-        outputs = output_paths(mask_path, args.probability, args.overlay, folder=args.src is not None)
-        if resume and all(p.is_file() for p in outputs):
-            progress.step()
-            continue
-        with no_pixel_limit():  # large scenes are expected here; the window batch bounds the model's memory
-            pair_size({"A": path_a, "B": path_b})
-            a, b = read_rgb(path_a), read_rgb(path_b)
-        geo = geo_tags(path_a) if mask_path.suffix.lower() in TIFF_EXTS else None
-        if geo is not None and geo_tags(path_b) not in (None, geo):
-            print(f"note: {path_b} is geo-referenced differently from {path_a}; the outputs carry the latter's",
-                  flush=True)
-        margin = predict_margin(model, a, b, tile=tile, overlap=overlap, batch_size=args.batch_size,
-                                amp=args.amp, name=pair_id)
-        mask = change_mask(margin, args.threshold)
-        write_output(outputs[0], mask, geo)
-        if args.probability:
-            write_output(outputs[1], probability_image(margin), geo)
-        if args.overlay:
-            write_output(outputs[-1], overlay_image(b, mask), geo)
-        written.append(mask_path)
+    for pair_id, paths in pairs.items():
+        if not (resume and all(p.is_file() for p in outputs_of(args, paths[2]))):
+            predict_pair(model, pair_id, paths, args, windows)
+            written.append(paths[2])
         progress.step()
     kept = len(pairs) - len(written)
     where = f"{len(written)} mask(s)" + (f" in {written[0].parent}" if written else "")

@@ -1,4 +1,4 @@
-"""Cut raw change-detection data into the project's layout of 256x256 tiles (README §1).
+"""Cut raw change-detection data into the project's layout of 256x256 tiles (docs/data.md).
 
 Every subcommand writes ``OUT/{A,B,label}/<id>.png`` (labels 0/255) and ``OUT/list/<name>.txt`` (ids
 with ``.png``, as in the UniMatch/DiffMatch split lists). Tile ids:
@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import numpy as np
 import tyro
@@ -129,23 +129,33 @@ def cut(array: np.ndarray, row: int, col: int, tile: int) -> np.ndarray:
     return np.pad(piece, pad) if piece.shape[:2] != (tile, tile) else piece
 
 
-def write_tiles(out: Path, sources: dict[str, Path], ids: list[list[str]], tile: int, overwrite: bool,
-                progress: Progress | None = None, label_threshold: int | None = None) -> list[str]:
-    """Cut each source (kind -> file) into tiles named ``ids[row][col]``; return the ids, row-major.
+class Tiling(NamedTuple):
+    """Where tiles go and how they are cut."""
 
-    A source whose tiles all exist is not read (resume), unless ``overwrite``. ``progress`` steps once
-    per row of tiles. Labels are binarised at ``label_threshold`` when given (``images.read_label``).
-    """
-    flat = [i for row in ids for i in row]
+    out: Path
+    """Output data set root: tiles go to ``OUT/<kind>/<id>.png``."""
+    tile: int
+    """Side of the square tiles."""
+    overwrite: bool
+    """Rewrite tiles that exist; else a source whose tiles all exist is not read (resume)."""
+    label_threshold: int | None
+    """Binarise labels at this value when given (``images.read_label``)."""
+
+
+def write_tiles(tiling: Tiling, sources: dict[str, Path], ids: list[list[str]],
+                progress: Progress | None = None) -> list[str]:
+    """Cut each source (kind -> file) into tiles named ``ids[row][col]``; return the ids, row-major.
+    ``progress`` steps once per row of tiles."""
+    out, flat = tiling.out, [i for row in ids for i in row]
     for kind, path in sources.items():
-        if not overwrite and all((out / kind / f"{i}.png").is_file() for i in flat):
+        if not tiling.overwrite and all((out / kind / f"{i}.png").is_file() for i in flat):
             if progress:
                 progress.step(len(ids))
             continue
-        array = read_label(path, label_threshold) * np.uint8(255) if kind == "label" else read_rgb(path)
+        array = read_label(path, tiling.label_threshold) * np.uint8(255) if kind == "label" else read_rgb(path)
         for r, row in enumerate(ids):
             for c, tile_id in enumerate(row):
-                write_png(out / kind / f"{tile_id}.png", cut(array, r, c, tile))
+                write_png(out / kind / f"{tile_id}.png", cut(array, r, c, tiling.tile))
             if progress:
                 progress.step()
     return flat
@@ -176,8 +186,7 @@ def prepare_levir(args: LevirArgs) -> dict[str, list[str]]:
                                  "use `prepare folder` for scenes of other sizes")
             rows, cols, stem = height // TILE, width // TILE, sources["A"].stem
             ids = [[f"{stem}_{r * cols + c + 1}" for c in range(cols)] for r in range(rows)]
-            lists[split] += write_tiles(args.out, sources, ids, TILE, args.overwrite,
-                                        label_threshold=args.label_threshold)
+            lists[split] += write_tiles(Tiling(args.out, TILE, args.overwrite, args.label_threshold), sources, ids)
             progress.step()
         write_list(args.out, split, lists[split])
     say_written("levir", args.out, lists)
@@ -227,7 +236,7 @@ def prepare_whu(args: WhuArgs) -> dict[str, list[str]]:
             raise InputError(f"{sources['A']}: {width}x{height} is smaller than one {TILE}x{TILE} tile")
         ids = [[f"whucd_{r * cols + c + 1:05d}" for c in range(cols)] for r in range(rows)]
         progress = Progress("whu", len(KINDS) * rows, "tile rows")
-        flat = write_tiles(args.out, sources, ids, TILE, args.overwrite, progress, args.label_threshold)
+        flat = write_tiles(Tiling(args.out, TILE, args.overwrite, args.label_threshold), sources, ids, progress)
     if given is not None:
         written = set(flat)
         missing = [i for ids_ in given.values() for i in ids_ if i not in written]
@@ -317,8 +326,7 @@ def prepare_folder(args: FolderArgs) -> dict[str, list[str]]:
         rows, cols = (size[0] + extra) // args.tile, (size[1] + extra) // args.tile
         stem = sources["A"].stem
         ids = [[f"{stem}_{r}_{c}" for c in range(cols)] for r in range(rows)]
-        lists[name] += write_tiles(args.out, sources, ids, args.tile, args.overwrite,
-                                   label_threshold=args.label_threshold)
+        lists[name] += write_tiles(Tiling(args.out, args.tile, args.overwrite, args.label_threshold), sources, ids)
         progress.step()
     for name, ids_ in lists.items():
         if ids_:

@@ -1,4 +1,4 @@
-"""One training step of DiffMatch and its baselines (§3.1, §3.3–3.6, Table 1; README §3).
+"""One training step of DiffMatch and its baselines (§3.1, §3.3–3.6, Table 1).
 
 Batches: labelled ``x``, unlabelled ``u`` and a second unlabelled batch ``u2`` that supplies the CutMix
 content of ``u``'s strong view.
@@ -6,12 +6,16 @@ content of ``u``'s strong view.
 2. ``x`` and ``u``-weak in one forward pass, then ``u``-strong; FixMatch pseudo labels from ``u``-weak,
    CutMix'd with ``u2``'s.
 3. The loss terms L_s, L_u, L_c, L_vl and their total (Eq. 1, 15).
+
+The stabilisers (``config.Stabilisers``: warm-up and ramp-up weight, EMA teacher, class-wise thresholds,
+weak-view BatchNorm statistics, halved L_s) are off in the paper; each is marked ``# stabiliser``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import torch
@@ -20,13 +24,44 @@ from torch import Tensor, nn
 
 from diffmatch import losses
 from diffmatch.config import IGNORE, LossConfig, Method
-from diffmatch.losses import LossTerms
+from diffmatch.losses import LossTerms, PseudoLabels
 
 if TYPE_CHECKING:  # types only: the step runs on any model and batches with these fields
     from diffmatch.data import LabeledSample, UnlabeledSample
     from diffmatch.model import ModelOutput
 
 Batch = TypeVar("Batch", "LabeledSample", "UnlabeledSample")
+
+
+class Batches(NamedTuple):
+    """One step's batches: labelled ``x``; unlabelled ``u`` and ``u2``, whose strong views and pseudo
+    labels CutMix ``u``'s (None for the supervised baseline)."""
+
+    x: LabeledSample
+    u: UnlabeledSample | None = None
+    u2: UnlabeledSample | None = None
+
+
+class Weights(NamedTuple):
+    """The schedules' weights at one iteration."""
+
+    lambda_vl: float
+    """λ_vl(t) of L_vl (§4.1.2, ``losses.lambda_vl_at``)."""
+    pseudo: float = 1.0
+    """Weight of what is trained on the model's own pseudo labels (L_u, the strong-view half of L_c): 1 in
+    the paper; 0 during a warm-up, below 1 during a ramp-up (``losses.pseudo_label_weight``)."""
+
+
+@dataclass
+class StepSetup:
+    """What stays the same over a run's steps: the method, its loss settings and the stabilisers' state."""
+
+    method: Method
+    loss: LossConfig
+    teacher: nn.Module | None = None
+    """Stabiliser: an EMA teacher that gives the pseudo labels of ``u`` and ``u2`` instead of the model."""
+    status: LearningStatus | None = None
+    """Stabiliser: FlexMatch's learning status, for class-wise thresholds τ."""
 
 
 def confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,11 +115,11 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, iteration: 
         t.copy_(s)
 
 
-def guidance_term(out: ModelOutput, out_s: ModelOutput, x: LabeledSample, u: UnlabeledSample,
-                  u2: UnlabeledSample, cfg: LossConfig) -> Tensor:
+def guidance_term(out: ModelOutput, out_s: ModelOutput, batch: Batches, cfg: LossConfig) -> Tensor:
     """L_vl (§3.3–3.5): CEG change labels on the change head (``w_vl``) and CEG single-date masks on the
     segmentation head, for x, u-weak and u-strong (CEG labels CutMix'd like the images); the mean of the
     terms that are on (six with everything on)."""
+    x, u, u2 = batch
     n, terms = x.label.shape[0], []
     if cfg.vl_guidance:
         strong = cutmix(u.box, u.pseudo, u2.pseudo)
@@ -167,54 +202,69 @@ def uses_every_parameter(method: Method, cfg: LossConfig, dual_head: bool) -> bo
     return method == "diffmatch" and cfg.seg_guidance and (cfg.vl_guidance or not dual_head)
 
 
-def compute_losses(model: nn.Module, method: Method, x: LabeledSample, u: UnlabeledSample | None,
-                   u2: UnlabeledSample | None, cfg: LossConfig, lambda_vl: float, *,
-                   teacher: nn.Module | None = None, unsup_weight: float = 1.0,
-                   status: LearningStatus | None = None) -> StepResult:
+def compute_losses(model: nn.Module, batch: Batches, setup: StepSetup, weights: Weights) -> StepResult:
     """Steps 1–3 of the training step (§3.1, Table 1): pseudo labels, forward passes with gradient, loss
-    terms and total. ``unsup_weight`` weighs what is trained on the model's own pseudo labels, L_u and the
-    strong-view half of L_c: 1 in the paper, 0 during a warm-up (those pseudo labels are then not made; L_s,
-    the labelled half of L_c and the CEG guidance train as usual), below 1 during a ramp-up
-    (``losses.pseudo_label_weight``). With a ``teacher``, it gives the pseudo labels of ``u`` and ``u2``
-    instead of ``model``; with a ``status``, τ is class-wise (FlexMatch)."""
-    tau = torch.full((2,), cfg.tau)
+    terms and their total, L = (L_s + L_u) / 2 + λ_c L_c + λ_vl L_vl (Eq. 1, 15). While ``weights.pseudo``
+    is 0 (a warm-up) the pseudo labels are not made; L_s, the labelled half of L_c and L_vl train as usual."""
+    method, cfg, (x, u, u2) = setup.method, setup.loss, batch
     if method == "supervised" or u is None or u2 is None:
-        l_s = losses.supervised_ce(model(x.a, x.b, change_only=True).change, x.label, ignore_index=IGNORE)
-        zero = losses.zero_like(l_s)
-        total = l_s / 2 if cfg.halve_supervised else l_s
-        return StepResult(LossTerms(l_s, zero, zero, zero), total, zero.detach(), tau)
-    pseudo, diffmatch = unsup_weight > 0, method == "diffmatch"
+        return supervised_step(model, x, cfg)
+    diffmatch, pseudo = method == "diffmatch", weights.pseudo > 0
     guided = diffmatch and (cfg.vl_guidance or cfg.seg_guidance)
-    if pseudo:
-        conf_mix, label_mix = eval_predictions(teacher or model, u2.a, u2.b)
     n, metric = x.a.shape[0], cfg.distance
+    mix = eval_predictions(setup.teacher or model, u2.a, u2.b) if pseudo else None  # step 1: u2's pseudo labels
     out = model(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=not diffmatch, metric=metric)
-    if pseudo or guided:
-        a_s, b_s = cutmix(u.box, u.a_strong, u2.a_strong), cutmix(u.box, u.b_strong, u2.b_strong)
-        with frozen_bn_statistics(model, cfg.weak_bn_stats):
-            out_s = model(a_s, b_s, change_only=not diffmatch, metric=metric)
-    l_s = losses.supervised_ce(out.change[:n], x.label, ignore_index=IGNORE)
+    out_s = strong_forward(model, batch, not diffmatch, cfg) if pseudo or guided else None
+    l_s = losses.supervised_ce(out.change[:n], x.label, ignore_index=IGNORE)  # Eq. 2
     l_u = l_c = l_vl = c_strong = losses.zero_like(l_s)
-    confident = l_u.detach()
-    if pseudo:
-        conf_u, label_u = confidence(out.change[n:]) if teacher is None else eval_predictions(teacher, u.a, u.b)
-        if status is not None:
-            status.update(u.index, conf_u, label_u, u.ignore != IGNORE, cfg.tau)
-            tau = status.thresholds(cfg.tau)
-        conf, label = cutmix(u.box, conf_u, conf_mix), cutmix(u.box, label_u, label_mix)
-        valid = cutmix(u.box, u.ignore, u2.ignore) != IGNORE
-        tau_map = tau.to(conf.device)[label] if status is not None else cfg.tau
-        l_u = losses.unsupervised_ce(out_s.change, label, conf, valid, tau_map, ignore_index=IGNORE)
+    tau, confident = torch.full((2,), cfg.tau), l_u.detach()
+    if pseudo:  # Eq. 3
+        pl, tau = pseudo_labels(out.change[n:], mix, batch, setup)
+        l_u = losses.unsupervised_ce(out_s.change, pl, ignore_index=IGNORE)
         if diffmatch and cfg.contrastive:
-            c_strong = losses.contrastive_weighted(out_s.distance, label, conf, valid, tau_map, cfg.margin)
-        confident = ((conf >= tau_map) & valid).sum() / valid.sum().clamp(min=1)
+            c_strong = losses.contrastive_weighted(out_s.distance, pl, cfg.margin)
+        confident = ((pl.conf >= pl.tau) & pl.valid).sum() / pl.valid.sum().clamp(min=1)
     if diffmatch and cfg.contrastive:  # L_c (§3.6, Eq. 14): labelled half + strong-view half, averaged
-        l_c = (losses.contrastive_balanced(out.distance[:n], x.label, cfg.margin) + unsup_weight * c_strong) / 2
+        l_c = (losses.contrastive_balanced(out.distance[:n], x.label, cfg.margin) + weights.pseudo * c_strong) / 2
     if guided:
-        l_vl = guidance_term(out, out_s, x, u, u2, cfg)
+        l_vl = guidance_term(out, out_s, batch, cfg)  # §3.3, §3.5
     terms = LossTerms(l_s, l_u, l_c, l_vl)
-    total = losses.total_loss(terms, lambda_c=cfg.lambda_c, lambda_vl=lambda_vl, unsup_weight=unsup_weight)
+    total = losses.total_loss(terms, lambda_c=cfg.lambda_c, lambda_vl=weights.lambda_vl, unsup_weight=weights.pseudo)
     return StepResult(terms, total, confident, tau)
+
+
+def supervised_step(model: nn.Module, x: LabeledSample, cfg: LossConfig) -> StepResult:
+    """The supervised baseline: L_s alone (Eq. 2)."""
+    l_s = losses.supervised_ce(model(x.a, x.b, change_only=True).change, x.label, ignore_index=IGNORE)
+    zero = losses.zero_like(l_s)
+    total = l_s / 2 if cfg.stabilise.halve_supervised else l_s  # stabiliser: the weight Eq. 1 gives L_s
+    return StepResult(LossTerms(l_s, zero, zero, zero), total, zero.detach(), torch.full((2,), cfg.tau))
+
+
+def strong_forward(model: nn.Module, batch: Batches, change_only: bool, cfg: LossConfig) -> ModelOutput:
+    """The model on ``u``'s strong views with ``u2``'s CutMix'd in (step 2)."""
+    _, u, u2 = batch
+    a_s, b_s = cutmix(u.box, u.a_strong, u2.a_strong), cutmix(u.box, u.b_strong, u2.b_strong)
+    with frozen_bn_statistics(model, cfg.stabilise.weak_bn_stats):  # stabiliser
+        return model(a_s, b_s, change_only=change_only, metric=cfg.distance)
+
+
+def pseudo_labels(weak: Tensor, mix: tuple[Tensor, Tensor], batch: Batches,
+                  setup: StepSetup) -> tuple[PseudoLabels, Tensor]:
+    """FixMatch pseudo labels of ``u`` from its weak-view logits ``weak`` (or the EMA teacher), CutMix'd
+    with ``u2``'s (``mix``: confidence, label), and the thresholds τ per class (Eq. 3)."""
+    _, u, u2 = batch
+    cfg, tau = setup.loss, torch.full((2,), setup.loss.tau)
+    conf_u, label_u = confidence(weak) if setup.teacher is None else eval_predictions(setup.teacher, u.a, u.b)
+    tau_map: Tensor | float = cfg.tau
+    if setup.status is not None:  # stabiliser: FlexMatch's class-wise thresholds
+        setup.status.update(u.index, conf_u, label_u, u.ignore != IGNORE, cfg.tau)
+        tau = setup.status.thresholds(cfg.tau)
+    label = cutmix(u.box, label_u, mix[1])
+    if setup.status is not None:
+        tau_map = tau.to(label.device)[label]
+    valid = cutmix(u.box, u.ignore, u2.ignore) != IGNORE
+    return PseudoLabels(label, cutmix(u.box, conf_u, mix[0]), valid, tau_map), tau
 
 
 def to_device(batch: Batch | None, device: torch.device) -> Batch | None:

@@ -1,5 +1,5 @@
-"""Reading single-date VLM outputs, the inputs of change event generation (README §2; §3.2.1); their masks
-are COCO RLE (``rle.py``).
+"""Reading single-date VLM outputs, the inputs of change event generation (§3.2.1; the formats:
+docs/data.md); their masks are COCO RLE (``rle.py``).
 
 Per image and date, ``ROOT/vlm/<date>/`` may hold any mix of:
 
@@ -235,7 +235,7 @@ def _decode_runs(counts: list, height: int, width: int) -> Runs:
 
 
 def probs_from_instances(inst: JSONInstances, num_classes: int, size: tuple[int, int]) -> np.ndarray:
-    """(C, H, W) probabilities: per class, the max score of its instances covering the pixel (README §2)."""
+    """(C, H, W) probabilities: per class, the max score of its instances covering the pixel (docs/data.md)."""
     probs = np.zeros((num_classes, *size), dtype=np.float32)
     for mask, k, score in zip(inst.runs.masks(), inst.classes, inst.scores, strict=True):
         np.maximum(probs[k], mask * score, out=probs[k])

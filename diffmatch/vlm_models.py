@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from diffmatch.cli import InputError
+from diffmatch.device import autocast
 from diffmatch.evaluate import tile_starts, window_grid
-from diffmatch.model import autocast
 
 INSTALL = 'pip install -e ".[vlm]"'
 """How to get the extra, as the error message says it."""
@@ -140,17 +140,30 @@ class Detection(NamedTuple):
     """(h, w) bool mask of the window."""
 
 
+class InstanceModels(NamedTuple):
+    """The models of Grounded-SAM and which of their boxes are kept."""
+
+    detector: str
+    """Grounding DINO model id or local folder (``--detector``)."""
+    segmenter: str
+    """SAM model id or local folder (``--segmenter``)."""
+    threshold: float
+    """Least class score of a kept box (``--box-threshold``)."""
+    nms_iou: float
+    """Of two boxes of one class overlapping by more than this IoU, the lower-scoring one goes (``--nms-iou``)."""
+
+
 class Instances:
     """Grounded-SAM: Grounding DINO boxes for the foreground prompts, then a SAM mask inside each box."""
 
-    def __init__(self, detector: str, segmenter: str, prompts: Sequence[str], categories: Sequence[int],
-                 device: torch.device, autocast: bool, threshold: float, nms_iou: float) -> None:
-        self.detector, self.det_processor = load("detector", detector, "grounding-dino",
+    def __init__(self, models: InstanceModels, prompts: Sequence[str], categories: Sequence[int],
+                 device: torch.device, autocast: bool) -> None:
+        self.detector, self.det_processor = load("detector", models.detector, "grounding-dino",
                                                  "GroundingDinoForObjectDetection")
-        self.segmenter, self.seg_processor = load("segmenter", segmenter, "sam", "SamModel")
+        self.segmenter, self.seg_processor = load("segmenter", models.segmenter, "sam", "SamModel")
         self.detector.to(device)
         self.segmenter.to(device)
-        self.device, self.autocast, self.threshold, self.nms_iou = device, autocast, threshold, nms_iou
+        self.device, self.autocast, self.threshold, self.nms_iou = device, autocast, models.threshold, models.nms_iou
         self.categories, self.side = list(categories), input_side(self.seg_processor.image_processor)
         names = [p.strip().lower() for p in prompts]
         self.text = " ".join(f"{n}." for n in names)  # Grounding DINO's prompt form: "house. building."

@@ -1,7 +1,7 @@
 """``python -m diffmatch.vlm_run``: the VLM outputs that CEG reads (§3.2.1), from a data set's own images,
 with open-vocabulary models in plain PyTorch (``diffmatch.vlm_models``; the optional ``transformers``
 package: ``pip install -e ".[vlm]"``). APE, the paper's VLM, needs detectron2 and custom CUDA ops; its
-JSON is read as before (README section 2).
+JSON is read as before (docs/data.md).
 
 For every id of ``ROOT/A`` and ``ROOT/B`` (or of ``ROOT/list/<split>.txt``), each date on its own:
 
@@ -28,12 +28,12 @@ import torch
 from diffmatch.atomic import atomic_path, write_json
 from diffmatch.cli import InputError, Progress
 from diffmatch.config import CEGConfig
+from diffmatch.device import pick_device, use_bf16
 from diffmatch.evaluate import window_grid
 from diffmatch.images import no_pixel_limit, read_rgb
-from diffmatch.model import pick_device, use_bf16
 from diffmatch.pairs import images_in, natural_key, read_id_list
 from diffmatch.rle import encode_counts, window_counts
-from diffmatch.vlm_models import Detection, Instances, Semantic, transformers_module
+from diffmatch.vlm_models import Detection, InstanceModels, Instances, Semantic, transformers_module
 
 Backend = Literal["semantic", "instance", "both"]
 DATES = ("A", "B")
@@ -222,8 +222,8 @@ def load_models(args: Args) -> Models:
     instances = None
     if args.backend != "semantic":
         fg = [args.classes.index(n) for n in args.foreground]
-        instances = Instances(args.detector, args.segmenter, args.foreground, fg, device, autocast,
-                              args.box_threshold, args.nms_iou)
+        instances = Instances(InstanceModels(args.detector, args.segmenter, args.box_threshold, args.nms_iou),
+                              args.foreground, fg, device, autocast)
     sem, inst = (windowing(args, m.side) if m else (1, 0) for m in (semantic, instances))
     return Models(device, semantic, sem, instances, inst)
 

@@ -18,7 +18,7 @@ DATA = Path(__file__).resolve().parent / "data"
 
 def write_pair(root: Path, sample_id: str, size: tuple[int, int] = (32, 32), label: np.ndarray | None = None,
                seed: int = 0) -> None:
-    """A random RGB pair and a 0/255 label in the data set layout of README §1."""
+    """A random RGB pair and a 0/255 label in the data set layout of docs/data.md."""
     rng = np.random.default_rng(seed)
     h, w = size
     for folder in ("A", "B"):

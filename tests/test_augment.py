@@ -21,7 +21,7 @@ def coordinate_pair(h: int = 40, w: int = 60) -> tuple[Image.Image, Image.Image,
 def test_weak_view_moves_pair_and_masks_alike(seed: int) -> None:
     a, b, masks = coordinate_pair()
     cfg = AugmentConfig(scale=(1.0, 1.0))  # no resampling, so values are exact
-    a2, b2, masks2 = augment.weak_view(a, b, masks, cfg, 64, np.random.default_rng(seed))
+    (a2, b2), masks2 = augment.weak_view([a, b], masks, cfg, 64, np.random.default_rng(seed))
     a_arr, b_arr = np.asarray(a2)[..., 0], np.asarray(b2)[..., 0]
     assert a2.size == b2.size == (64, 64)
     np.testing.assert_array_equal(a_arr, b_arr)
@@ -71,9 +71,9 @@ def test_cutmix_box_area_and_aspect() -> None:
 def test_reproducible_from_seed() -> None:
     a, b, masks = coordinate_pair()
     cfg = AugmentConfig()
-    runs = [augment.weak_view(a, b, masks, cfg, 32, np.random.default_rng(7)) for _ in range(2)]
-    assert np.array_equal(np.asarray(runs[0][0]), np.asarray(runs[1][0]))
-    assert np.array_equal(np.asarray(runs[0][2][1]), np.asarray(runs[1][2][1]))
+    runs = [augment.weak_view([a, b], masks, cfg, 32, np.random.default_rng(7)) for _ in range(2)]
+    assert np.array_equal(np.asarray(runs[0][0][0]), np.asarray(runs[1][0][0]))
+    assert np.array_equal(np.asarray(runs[0][1][1]), np.asarray(runs[1][1][1]))
 
 
 def test_tensors() -> None:

@@ -21,6 +21,7 @@ from diffmatch.lab import bench, synthetic
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(backbone="resnet18", decoder_channels=16)
 CPU = torch.device("cpu")
+SMALL = bench.Settings(crop=32, batch_size=2, device=CPU, warmup=1, iters=2)  # tiny crops and batches, few iterations
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +64,7 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch, target: object, name: str, steps
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], dict]:
     """Six synthetic 64 px pairs, with the CEG benchmark run on them (it writes the labels the others read)."""
     root = tmp_path_factory.mktemp("bench") / "synthetic"
-    synthetic.generate(root, num_pairs=6, size=64, verbose=False)
+    synthetic.generate(synthetic.Args(out=root, num_pairs=6, size=64), verbose=False)
     return root, [synthetic.pair_id(i) for i in range(6)], bench.bench_ceg(root, workers=(1, 2))
 
 
@@ -87,7 +88,7 @@ def test_ceg_figures_on_a_fake_clock(data: tuple[Path, list[str], dict], monkeyp
 def test_pipeline(data: tuple[Path, list[str], dict], monkeypatch: pytest.MonkeyPatch) -> None:
     root, ids, _ = data
     fake_clock(monkeypatch, bench.time, "perf_counter", [20, 99, 50, 99])  # 0 workers: 20 ms, 2 workers: 50 ms
-    result = bench.bench_pipeline(root, ids, crop=32, batch_size=2, workers=(0, 2), samples=4)
+    result = bench.bench_pipeline(root, ids, SMALL, workers=(0, 2), samples=4)
     assert result == {"samples": 4, "samples_per_s": {"0": pytest.approx(200), "2": pytest.approx(80)},
                       "per_worker": {"0": pytest.approx(200), "2": pytest.approx(40)}}
 
@@ -95,8 +96,7 @@ def test_pipeline(data: tuple[Path, list[str], dict], monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("method", ["diffmatch", "fixmatch", "supervised"])
 def test_train(data: tuple[Path, list[str], dict], method: str) -> None:
     root, ids, _ = data
-    result = bench.bench_train(root, ids, method=method, model_cfg=TINY, crop=32, batch_size=2, device=CPU,
-                               warmup=1, iters=2)
+    result = bench.bench_train(root, ids, method, TINY, SMALL)
     assert_positive_finite({k: v for k, v in result.items() if k not in ("method", "peak_memory_kind")})
     assert result["method"] == method and result["peak_memory_kind"]
     assert list(result["ms"]) == ["data", "forward", "backward", "step", "iteration"]
@@ -107,8 +107,7 @@ def test_train_figures_on_a_fake_clock(data: tuple[Path, list[str], dict], monke
     # Five readings an iteration: data 1 ms, forward 2, backward 3, step 4, then 10 ms to the next one.
     # The bare passes that follow take two readings each: 1, 3 and 10 ms (the first is the warm-up).
     fake_clock(monkeypatch, bench, "tick", [1, 2, 3, 4, 10])
-    result = bench.bench_train(root, ids, method="fixmatch", model_cfg=TINY, crop=32, batch_size=2, device=CPU,
-                               warmup=1, iters=2)
+    result = bench.bench_train(root, ids, "fixmatch", TINY, SMALL)
     phases = {"data": 1, "forward": 2, "backward": 3, "step": 4, "iteration": 10}
     assert result["ms"] == {k: pytest.approx({"median": v, "min": v}) for k, v in phases.items()}
     assert result["bare_ms"] == {"median": pytest.approx(6.5), "min": pytest.approx(3)}
@@ -116,10 +115,10 @@ def test_train_figures_on_a_fake_clock(data: tuple[Path, list[str], dict], monke
 
 
 def test_inference(monkeypatch: pytest.MonkeyPatch) -> None:
-    result = bench.bench_inference(TINY, crop=32, batch_size=2, device=CPU, warmup=1, iters=2)
+    result = bench.bench_inference(TINY, SMALL)
     assert_positive_finite(result)
     fake_clock(monkeypatch, bench, "tick", [1, 4, 2])  # calls of 1 (warm-up), 2 and 4 ms
-    result = bench.bench_inference(TINY, crop=32, batch_size=2, device=CPU, warmup=1, iters=2)
+    result = bench.bench_inference(TINY, SMALL)
     assert result == {"batch_size": 2, "crop": 32, "ms": {"median": pytest.approx(3), "min": pytest.approx(2)},
                       "pairs_per_s": pytest.approx(2 / 0.003)}
 

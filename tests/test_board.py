@@ -14,12 +14,13 @@ from conftest import write_pair, write_training_set
 from PIL import Image
 
 from diffmatch import train as train_module
-from diffmatch.board import INSTALL, Board, change_grid, step_scalars
+from diffmatch.board import INSTALL, Board, MapGrid, change_grid, step_scalars
+from diffmatch.checkpoint import load_checkpoint
 from diffmatch.cli import InputError
 from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs
 from diffmatch.data import EvalSet
-from diffmatch.evaluate import evaluate_model
-from diffmatch.model import build_model, load_checkpoint, param_groups
+from diffmatch.evaluate import Report, Windows, evaluate_model
+from diffmatch.model import build_model, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMS = ("loss/total", "loss/s", "loss/u", "loss/c", "loss/vl")
@@ -124,9 +125,9 @@ def test_change_grid_rows_are_the_save_vis_pictures_of_the_first_pairs(data_root
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", decoder_channels=16)).train()
     val = EvalSet(data_root, [f"p{i:02d}" for i in range(6, 11)])
-    evaluate_model(model, val, device=torch.device("cpu"), tile=32, batch_size=1, vis_dir=tmp_path / "vis")
+    evaluate_model(model, val, windows=Windows(32, batch_size=1), report=Report(vis_dir=tmp_path / "vis"))
     model.train()
-    grid = change_grid(model, [val[i] for i in range(4)], tile=32)
+    grid = change_grid(model, [val[i] for i in range(4)], windows=Windows(32))
     assert model.training  # left as it came
     rows = [np.asarray(Image.open(tmp_path / "vis" / f"p{i:02d}.png")) for i in range(6, 10)]
     assert grid.shape == (4 * 40 + 3 * 4, rows[0].shape[1], 3)
@@ -140,7 +141,7 @@ def test_change_grid_pads_narrow_rows(data_root: Path, tmp_path: Path) -> None:
     write_pair(tmp_path, "small", size=(24, 24), seed=2)
     model = build_model(ModelConfig(backbone="resnet18", decoder_channels=8))
     val = EvalSet(tmp_path, ["small", "wide"])
-    grid = change_grid(model, [val[0], val[1]], tile=32)
+    grid = change_grid(model, [val[0], val[1]], windows=Windows(32))
     assert grid.shape == (24 + 4 + 24, 4 * 48 + 3 * 4, 3)
     assert (grid[:24, 4 * 24 + 3 * 4 :] == 128).all()
 
@@ -159,8 +160,7 @@ def test_step_scalars_name_every_number_of_the_record() -> None:
 def test_board_off_or_on_another_rank_writes_nothing(data_root: Path, tmp_path: Path) -> None:
     val = EvalSet(data_root, ["p06"])
     for enabled, write in ((False, True), (True, False)):
-        board = Board.open(tmp_path / "tb", enabled=enabled, write=write, start=0, vis_set=val, split="val",
-                           tile=32, amp=False)
+        board = Board.open(tmp_path / "tb", MapGrid(val, "val", Windows(32)), enabled=enabled, write=write, start=0)
         board.log_scalars(1, {"loss/s": 1.0})
         board.close()
     assert not (tmp_path / "tb").exists()
@@ -173,10 +173,10 @@ def test_without_the_package_the_flag_is_a_one_line_error(data_root: Path, tmp_p
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
     message = r'^--tensorboard needs the tensorboard package: pip install -e "\.\[tensorboard\]"$'
     with pytest.raises(InputError, match=message):
-        Board.open(tmp_path / "tb", enabled=True, write=False, start=0, vis_set=EvalSet(data_root, ["p06"]),
-                   split="val", tile=32, amp=False)
-    Board.open(tmp_path / "tb", enabled=False, write=True, start=0, vis_set=EvalSet(data_root, ["p06"]), split="val",
-               tile=32, amp=False)  # the flag off needs nothing
+        Board.open(tmp_path / "tb", MapGrid(EvalSet(data_root, ["p06"]), "val", Windows(32)), enabled=True,
+                   write=False, start=0)
+    Board.open(tmp_path / "tb", MapGrid(EvalSet(data_root, ["p06"]), "val", Windows(32)), enabled=False, write=True,
+               start=0)  # the flag off needs nothing
 
 
 def test_cli_without_the_package_exits_2_and_nothing_else_imports_it(data_root: Path, tmp_path: Path) -> None:

@@ -14,10 +14,12 @@ from conftest import write_pair
 from PIL import Image
 
 from diffmatch import evaluate
+from diffmatch import run as run_module
 from diffmatch import train as train_module
 from diffmatch.checks import Need, check_data, check_eval_data, check_training_data, image_header
 from diffmatch.cli import InputError
 from diffmatch.config import DataConfig, ModelConfig, TrainArgs
+from diffmatch.data import SemiSplit
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = [f"p{i}" for i in range(8)]
@@ -140,9 +142,9 @@ def test_truncated_files_fail_and_whole_ones_pass(tmp_path: Path, fmt: str, cut:
 
 def test_each_id_is_checked_once(clean_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = DataConfig(root=clean_root)
-    check_training_data(data, IDS[:2], IDS[2:6], pseudo_dir="pseudo", eval_splits=("val", "test", "test"))
+    check_training_data(data, SemiSplit(IDS[:2], IDS[2:6]), pseudo_dir="pseudo", eval_splits=("val", "test", "test"))
     assert "data check: 8 pairs, no problems" in capsys.readouterr().out
-    check_training_data(data, IDS[:6] * 3, IDS[:6], pseudo_dir=None, eval_splits=("test",))
+    check_training_data(data, SemiSplit(IDS[:6] * 3, IDS[:6]), pseudo_dir=None, eval_splits=("test",))
     assert "data check: 7 pairs, no problems" in capsys.readouterr().out
 
 
@@ -158,7 +160,7 @@ def test_train_checks_before_building_the_model(messy_root: Path, tmp_path: Path
     def no_model(*args: object) -> None:
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(train_module, "build_model", no_model)
+    monkeypatch.setattr(run_module, "build_model", no_model)  # the run's setup builds the network
     out = tmp_path / "run"
     with pytest.raises(InputError, match="data check: 7 problems in 7 of 8 pairs"):
         train_module.train(tiny_args(messy_root, out))

@@ -15,7 +15,7 @@ import torch
 
 from diffmatch.encoder import SiameseEncoder
 from diffmatch.lab import comparison, pretrain
-from diffmatch.lab.comparison import Regime, format_summary, run_args, summarise
+from diffmatch.lab.comparison import Launch, Regime, format_summary, run_args, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_bench_methods_prints_one_line_per_method(tmp_path: Path) -> None:
         [sys.executable, "-m", "diffmatch.bench", "--parts", "methods", "--seeds", "0", "1", "--device", "cpu",
          "--regime.pairs", "20", "--regime.size", "48", "--regime.crop", "32", "--regime.iters", "2",
          "--regime.eval-interval", "1", "--regime.batch-size", "2", "--regime.label-ratio", "0.2",
-         "--regime.pretrain-iters", "1", "--regime.pretrain-scenes", "2", "--regime.loss.warmup-iters", "1",
+         "--regime.pretrain-iters", "1", "--regime.pretrain-scenes", "2", "--regime.loss.stabilise.warmup-iters", "1",
          "--regime.decoder-channels", "16", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -102,24 +102,22 @@ def test_bench_methods_prints_one_line_per_method(tmp_path: Path) -> None:
         assert config["model"]["weights"].endswith("encoder-resnet18-2x1-no-buildings.pt")
 
 
-@pytest.mark.parametrize(("method", "labelled"), [("supervised", 35), ("diffmatch", 35), ("supervised", 3)])
-def test_every_method_gets_the_regime_s_iterations(tmp_path: Path, method: str, labelled: int) -> None:
-    root = tmp_path / "data"
-    (root / "list").mkdir(parents=True)
-    ids = [f"p{i}" for i in range(labelled * 20)]
-    (root / "list" / "train.txt").write_text("\n".join(ids) + "\n")
-    regime = Regime(iters=400, batch_size=8)
-    args = run_args(root, method, 0, regime, tmp_path / "run", "none")
-    pairs = max(1, round(0.05 * len(ids))) if method == "supervised" else len(ids) - max(1, round(0.05 * len(ids)))
-    per_epoch = max(pairs // 8, 1)
-    assert args.max_iters == 400 and args.epochs * per_epoch >= 400  # the run stops at max_iters, not earlier
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "diffmatch"])
+def test_every_method_gets_the_regime_s_iterations(tmp_path: Path, method: str) -> None:
+    args = run_args(Launch(tmp_path / "data", tmp_path / "runs"), method, 3, Regime(iters=400, batch_size=8), "none")
+    assert args.max_iters == 400  # the run stops at max_iters, not earlier:
+    assert args.epochs == 400  # an epoch has at least one iteration
+    assert args.out_dir == tmp_path / "runs" / f"{method}-seed3" and args.seed == 3
+    assert args.data.root == tmp_path / "data"
 
 
-def test_regime_switches_reach_the_run(tmp_path: Path) -> None:
+def test_regime_and_launch_settings_reach_the_run(tmp_path: Path) -> None:
     regime = Regime(dual_head=False, loss=replace(Regime().loss, contrastive=False))
-    args = run_args(tmp_path, "diffmatch", 0, regime, tmp_path / "run", "none")
+    launch = Launch(tmp_path, tmp_path / "runs", device="cpu", workers=2)
+    args = run_args(launch, "diffmatch", 0, regime, "enc.pt")
     assert args.model.dual_head is False and args.loss.contrastive is False
-    assert run_args(tmp_path, "diffmatch", 0, Regime(), tmp_path / "run", "none").model.dual_head is True
+    assert (args.device, args.num_workers, args.model.weights) == ("cpu", 2, "enc.pt")
+    assert run_args(launch, "diffmatch", 0, Regime(), "none").model.dual_head is True
 
 
 def test_runs_in_spawned_processes_give_their_loaders_the_platform_start_method(

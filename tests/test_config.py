@@ -13,6 +13,7 @@ from diffmatch.config import (
     LossConfig,
     ModelConfig,
     OptimConfig,
+    Stabilisers,
     TrainArgs,
     from_dict,
     to_dict,
@@ -39,7 +40,7 @@ def test_train_args_round_trip_with_every_kind_of_field() -> None:
         method="fixmatch",
         augment=AugmentConfig(scale=(0.5, 2.0), hflip_prob=0.0),
         model=ModelConfig(backbone="resnet18", weights="none", dual_head=False),
-        loss=LossConfig(tau=0.9, distance="authors", ema_teacher=0.99),
+        loss=LossConfig(tau=0.9, distance="authors", stabilise=Stabilisers(ema_teacher=0.99)),
         optim=OptimConfig(lr=0.01),
         out_dir=Path("runs/x"),
         seed=3,
@@ -64,9 +65,9 @@ def test_none_and_defaults_survive_the_round_trip() -> None:
 def test_missing_keys_take_the_defaults() -> None:
     # An older run's config.json without the newer fields still loads, with today's defaults.
     saved = through_json(TrainArgs(data=DataConfig(root=Path("r")), seed=5))
-    del saved["tensorboard"], saved["loss"]["class_thresholds"]
+    del saved["tensorboard"], saved["loss"]["stabilise"]["class_thresholds"]
     back = from_dict(TrainArgs, saved)
-    assert back.seed == 5 and back.tensorboard is False and back.loss.class_thresholds is False
+    assert back.seed == 5 and back.tensorboard is False and back.loss.stabilise.class_thresholds is False
 
 
 def test_ceg_config_round_trip() -> None:

@@ -13,10 +13,10 @@ from diffmatch.cli import InputError
 from diffmatch.config import AugmentConfig, DataConfig
 from diffmatch.data import (
     PUBLIC_SPLITS,
-    EpochSampler,
     EvalSet,
     LabeledSet,
     UnlabeledSet,
+    ViewOptions,
     eval_ids,
     eval_set,
     list_ids,
@@ -26,6 +26,7 @@ from diffmatch.data import (
     split_folder,
 )
 from diffmatch.images import read_label, read_rgb
+from diffmatch.sampling import EpochSampler
 
 LEVIR = DATA / "levir-samples"
 
@@ -112,7 +113,7 @@ def test_real_levir_samples_load() -> None:
     with pytest.raises(InputError, match="label/test_113_0256.png: file not found"):
         EvalSet(LEVIR, ids)
     assert read_rgb(LEVIR / "A" / "test_113_0256.png").shape == (384, 768, 3)
-    odd = UnlabeledSet(LEVIR, ["test_113_0256"], crop_size=256, augment_cfg=AugmentConfig())
+    odd = UnlabeledSet(LEVIR, ["test_113_0256"], views=ViewOptions(256, AugmentConfig()))
     with pytest.raises(InputError, match=r"B/test_113_0256.png: size 768x383 differs from A's 768x384"):
         odd[0]
 
@@ -181,7 +182,7 @@ def test_datasets_binarise_labels_at_the_data_threshold(tiny_root: Path) -> None
     evaluated = EvalSet(tiny_root, ["noisy"], label_threshold=128)[0].label
     assert int(evaluated.sum()) == 8 * 32 + 2 and evaluated[20, :3].tolist() == [0, 1, 1]
     cfg = AugmentConfig(scale=(1.0, 1.0), hflip_prob=0.0)
-    trained = LabeledSet(tiny_root, ["noisy"], crop_size=32, augment_cfg=cfg, label_threshold=128)[0].label
+    trained = LabeledSet(tiny_root, ["noisy"], views=ViewOptions(32, cfg), label_threshold=128)[0].label
     assert torch.equal(trained, evaluated)
 
 
@@ -240,7 +241,7 @@ def test_bad_roots_and_lists(tiny_root: Path, where: str, split: str, message: s
 
 def test_missing_pseudo_labels_point_at_ceg(tiny_root: Path) -> None:
     with pytest.raises(InputError, match=r"python -m diffmatch.ceg --root .* --out-name pseudo"):
-        UnlabeledSet(tiny_root, ["p0"], crop_size=32, augment_cfg=AugmentConfig(), pseudo_dir="pseudo")
+        UnlabeledSet(tiny_root, ["p0"], views=ViewOptions(32, AugmentConfig(), "pseudo"))
 
 
 def write_pseudo(root: Path, ids: list[str]) -> None:
@@ -256,16 +257,16 @@ def test_datasets_return_named_samples_with_pseudo_labels(tiny_root: Path) -> No
     ids = list_ids(tiny_root, "train")
     write_pseudo(tiny_root, ids)
     cfg = AugmentConfig(scale=(1.0, 1.0), hflip_prob=0.0)
-    labeled = LabeledSet(tiny_root, ids, crop_size=32, augment_cfg=cfg, pseudo_dir="pseudo")[0]
+    labeled = LabeledSet(tiny_root, ids, views=ViewOptions(32, cfg, "pseudo"))[0]
     assert labeled._fields == ("a", "b", "label", "pseudo", "seg_a", "seg_b")
     assert labeled.a.dtype == torch.float32 and labeled.label.dtype == torch.int64
     assert set(labeled.pseudo.unique().tolist()) == {0, 1} and set(labeled.seg_b.unique().tolist()) == {0, 255}
-    unlabeled = UnlabeledSet(tiny_root, ids, crop_size=48, augment_cfg=cfg, pseudo_dir="pseudo")[0]
+    unlabeled = UnlabeledSet(tiny_root, ids, views=ViewOptions(48, cfg, "pseudo"))[0]
     # 32x32 padded to 48x48: padding is 255 in every mask and 0 in the (normalised) images.
     assert (unlabeled.ignore[32:, :] == 255).all() and (unlabeled.ignore[:32, :32] == 0).all()
     assert (unlabeled.pseudo[32:, :] == 255).all() and (unlabeled.pseudo[:32, 16:32] == 1).all()
     assert unlabeled.box.shape == (48, 48)
-    plain = LabeledSet(tiny_root, ids, crop_size=32, augment_cfg=cfg)[0]
+    plain = LabeledSet(tiny_root, ids, views=ViewOptions(32, cfg))[0]
     assert (plain.pseudo == 255).all()
 
 
@@ -277,7 +278,7 @@ def test_repeat_and_eval_set(tiny_root: Path) -> None:
 
 def test_augmentation_is_reproducible_across_workers(tiny_root: Path) -> None:
     ids = list_ids(tiny_root, "train")
-    dataset = UnlabeledSet(tiny_root, ids, crop_size=24, augment_cfg=AugmentConfig(), seed=3)
+    dataset = UnlabeledSet(tiny_root, ids, views=ViewOptions(24, AugmentConfig()), seed=3)
     direct = [dataset[i].a_strong for i in range(len(ids))]
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
     batched = torch.cat([batch.a_strong for batch in loader])
@@ -287,7 +288,7 @@ def test_augmentation_is_reproducible_across_workers(tiny_root: Path) -> None:
 
 def test_epoch_sampler_draws_new_views_in_persistent_workers(tiny_root: Path) -> None:
     ids = list_ids(tiny_root, "train")
-    dataset = LabeledSet(tiny_root, ids, crop_size=24, augment_cfg=AugmentConfig(), seed=3)
+    dataset = LabeledSet(tiny_root, ids, views=ViewOptions(24, AugmentConfig()), seed=3)
     sampler = EpochSampler(dataset, num_replicas=1, rank=0, shuffle=False)
     assert list(sampler) == list(range(len(ids)))
     sampler.set_epoch(2)

@@ -12,11 +12,12 @@ import torch
 from conftest import write_pair
 from torch import nn
 
+from diffmatch.checkpoint import RunState, load_checkpoint, model_from_checkpoint, save_checkpoint
 from diffmatch.cli import InputError
-from diffmatch.config import DataConfig, ModelConfig, TrainArgs
+from diffmatch.config import DataConfig, ModelConfig, TrainArgs, to_dict
 from diffmatch.data import EvalSet
-from diffmatch.evaluate import evaluate_model, visualise, write_per_image_csv
-from diffmatch.model import ModelOutput, build_model, load_checkpoint, model_from_checkpoint, save_checkpoint
+from diffmatch.evaluate import Windows, evaluate_model, visualise, write_per_image_csv
+from diffmatch.model import ModelOutput, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +43,7 @@ def test_metrics_match_a_hand_count(tmp_path: Path) -> None:
         image = np.zeros((8, 8, 3), np.uint8)
         image[region] = 255
         Image.fromarray(image).save(tmp_path / "A" / f"{sample_id}.png")
-    result = evaluate_model(FixedModel(), EvalSet(tmp_path, ["one", "two"]), device=torch.device("cpu"),
-                            tile=8, batch_size=2)
+    result = evaluate_model(FixedModel(), EvalSet(tmp_path, ["one", "two"]), windows=Windows(8, batch_size=2))
     tp, fp, fn, tn = 16, 20, 16, 76
     s = result.scores
     assert (s["tp"], s["fp"], s["fn"], s["tn"]) == (tp, fp, fn, tn)
@@ -56,8 +56,7 @@ def test_metrics_match_a_hand_count(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "per_image.csv").open()))
     assert [r["id"] for r in rows] == ["one", "two"] and rows[0]["iou"] == f"{100 / 3:.3f}"
     # Sliding windows over a larger image give the same counts.
-    tiled = evaluate_model(FixedModel(), EvalSet(tmp_path, ["one", "two"]), device=torch.device("cpu"),
-                           tile=4, overlap=2, batch_size=1)
+    tiled = evaluate_model(FixedModel(), EvalSet(tmp_path, ["one", "two"]), windows=Windows(4, 2, 1))
     assert tiled.scores == s
 
 
@@ -78,7 +77,7 @@ def tiny_checkpoint(path: Path, root: Path, backbone: str = "resnet18") -> None:
     args = TrainArgs(data=DataConfig(root=root, crop_size=16), model=ModelConfig(backbone=backbone,
                                                                                  decoder_channels=8))
     torch.manual_seed(0)
-    save_checkpoint(path, model=build_model(args.model), args=args, epoch=1, iteration=1, best_score=0.0)
+    save_checkpoint(path, RunState(build_model(args.model), epoch=1, iteration=1, best=0.0), to_dict(args))
 
 
 def test_checkpoint_errors(tmp_path: Path) -> None:

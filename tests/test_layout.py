@@ -1,5 +1,6 @@
-"""The package's layout as README "Contents" describes it: what each core module needs to be copied, no
-import circles, no core module importing a tool, no command importing another command's helpers."""
+"""The package's layout as the README's module map describes it: what each core module needs to be copied,
+no import circles, no core module importing a tool or the lab, and a tree that shows it: the method's
+modules flat at the top, the lab in ``lab/``."""
 
 from __future__ import annotations
 
@@ -12,29 +13,52 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffmatch"
 
 NEEDS = {
     "config": set(),
-    "files": set(),
-    "png": {"files"},
+    "cli": set(),
+    "atomic": set(),
+    "images": {"cli"},
+    "pairs": {"atomic", "cli", "images"},
+    "png": {"atomic"},
     "rle": set(),
     "augment": {"config"},
-    "data": {"config", "files", "augment"},
-    "vlm": {"config", "files", "rle"},
-    "ceg": {"config", "files", "png", "rle", "vlm", "metrics"},
-    "encoder": {"config", "files"},
+    "sampling": set(),
+    "data": {"atomic", "augment", "cli", "config", "images", "pairs", "sampling"},
+    "vlm": {"cli", "config", "rle"},
+    "ceg": {"atomic", "cli", "config", "images", "metrics", "pairs", "png", "rle", "vlm"},
+    "encoder": {"cli", "config"},
     "decoders": set(),
-    "model": {"config", "files", "encoder", "decoders"},
+    "model": {"cli", "config", "decoders", "encoder"},
+    "device": {"cli"},
+    "checkpoint": {"atomic", "cli", "config", "decoders", "encoder", "model"},
     "losses": set(),
     "step": {"config", "losses"},
     "metrics": {"config"},
-    "evaluate": {"config", "files", "png", "augment", "data", "metrics", "model", "encoder", "decoders", "checks"},
-    "train": {"config", "files", "png", "augment", "data", "metrics", "model", "encoder", "decoders", "losses",
-              "step", "evaluate", "checks", "board"},
+    "checks": {"atomic", "augment", "cli", "config", "data", "images", "pairs", "sampling"},
+    "evaluate": {"atomic", "augment", "checkpoint", "checks", "cli", "config", "data", "decoders", "device", "encoder",
+                 "images", "metrics", "model", "pairs", "png", "sampling"},
+    "board": {"atomic", "augment", "checkpoint", "checks", "cli", "config", "data", "decoders", "device", "encoder",
+              "evaluate", "images", "metrics", "model", "pairs", "png", "sampling"},
+    "run": {"atomic", "augment", "board", "checkpoint", "checks", "cli", "config", "data", "decoders", "device",
+            "encoder", "evaluate", "images", "losses", "metrics", "model", "pairs", "png", "sampling", "step"},
+    "train": {"atomic", "augment", "board", "checkpoint", "checks", "cli", "config", "data", "decoders", "device",
+              "encoder", "evaluate", "images", "losses", "metrics", "model", "pairs", "png", "run", "sampling",
+              "step"},
 }
-"""Core module -> the modules it needs at run time (directly or through them), as in README "Contents"."""
+"""Core module -> the modules it needs at run time (directly or through them), as in the README's module map."""
+
+TOOLS = {"predict", "geotiff", "prepare", "vlm_run", "vlm_models"}
+"""Commands around the method: new pairs, data preparation, VLM outputs from open models."""
+LAB_COMMANDS = {"bench", "demo", "pretrain", "synthetic"}
+"""One-line entry modules that keep the lab's commands (``python -m diffmatch.bench``, ...) at the top."""
 
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def is_module(name: str) -> bool:
+    path = PACKAGE.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def imports(path: Path) -> set[str]:
@@ -49,7 +73,9 @@ def imports(path: Path) -> set[str]:
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "diffmatch":
             module = node.module.removeprefix("diffmatch").lstrip(".")
-            found.update([module] if module else [alias.name for alias in node.names])
+            for alias in node.names:  # ``from diffmatch.lab import bench`` imports the module lab.bench
+                inner = f"{module}.{alias.name}".lstrip(".")
+                found.add(inner if is_module(inner) else module)
         elif isinstance(node, ast.Import):
             found.update(a.name.removeprefix("diffmatch.") for a in node.names if a.name.startswith("diffmatch."))
     return found
@@ -80,6 +106,27 @@ def test_no_import_circles() -> None:
 
 def test_every_module_is_in_the_readme() -> None:
     readme = (PACKAGE.parent / "README.md").read_text()
-    top = {name.split(".")[0] for name in GRAPH if name}
-    missing = sorted(name for name in top if name != "synthetic" and f"`{name}.py`" not in readme)
-    assert missing == [] and "`synthetic/`" in readme
+    top = {name.split(".")[0] for name in GRAPH if name} - {"lab"}
+    missing = sorted(name for name in top if f"`{name}.py`" not in readme)
+    assert missing == [] and "`lab/`" in readme
+
+
+def test_the_tree_shows_the_method() -> None:
+    """The method's modules, the tools and the lab's one-line commands at the top; the lab in one folder."""
+    top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert top == set(NEEDS) | TOOLS | LAB_COMMANDS
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    assert folders == {"lab", "splits"}
+
+
+def test_nothing_but_the_lab_commands_imports_the_lab() -> None:
+    users = {name for name, deps in GRAPH.items() if not name.startswith("lab")
+             and any(dep == "lab" or dep.startswith("lab.") for dep in deps)}
+    assert users == LAB_COMMANDS
+
+
+@pytest.mark.parametrize("name", sorted(LAB_COMMANDS))
+def test_a_lab_command_only_starts_its_lab_module(name: str) -> None:
+    tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+    defined = [node for node in tree.body if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.Assign)]
+    assert defined == [] and f"diffmatch.lab.{name}" in {f"diffmatch.{m}" for m in GRAPH[name]}

@@ -8,6 +8,7 @@ import torch
 from diffmatch.config import IGNORE
 from diffmatch.losses import (
     LossTerms,
+    PseudoLabels,
     ceg_ce_mean,
     ceg_ce_sum_over_all,
     confidence_weight,
@@ -82,7 +83,7 @@ def test_unsupervised_ce_weights_and_divides_by_valid() -> None:
     conf = row(0.99, 0.95, 0.5, 0.99)
     valid = row(True, True, True, False, dtype=torch.bool)
     # Pixels 0 and 1 count (conf >= 0.95 and valid); 2 is below τ; 3 is padding; divide by 3 valid.
-    loss = unsupervised_ce(logits, pseudo, conf, valid, 0.95, ignore_index=IGNORE)
+    loss = unsupervised_ce(logits, PseudoLabels(pseudo, conf, valid, 0.95), ignore_index=IGNORE)
     assert loss.item() == pytest.approx((LN2 + LN43) / 3)
     weight = confidence_weight(conf, valid, 0.95)
     assert weight.tolist() == [[[1.0, 1.0, 0.0, 0.0]]]
@@ -93,11 +94,12 @@ def test_unsupervised_ce_empty_cases_are_zero() -> None:
     logits = row_logits(*PIXELS)
     below = row(0.1, 0.2, 0.3, 0.94)
     assert_zero_with_graph(
-        unsupervised_ce(logits, pseudo, below, torch.ones(1, 1, 4, dtype=torch.bool), 0.95, ignore_index=IGNORE), logits
+        unsupervised_ce(logits, PseudoLabels(pseudo, below, torch.ones(1, 1, 4, dtype=torch.bool), 0.95),
+                        ignore_index=IGNORE), logits
     )
     logits = row_logits(*PIXELS)
     no_valid = torch.zeros(1, 1, 4, dtype=torch.bool)
-    loss = unsupervised_ce(logits, pseudo, torch.ones(1, 1, 4), no_valid, 0.95, ignore_index=IGNORE)
+    loss = unsupervised_ce(logits, PseudoLabels(pseudo, torch.ones(1, 1, 4), no_valid, 0.95), ignore_index=IGNORE)
     assert_zero_with_graph(loss, logits)
 
 
@@ -132,13 +134,14 @@ def test_contrastive_weighted_by_hand() -> None:
     conf = row(0.99, 0.5, 0.99, 0.99)
     valid = row(True, True, True, False, dtype=torch.bool)
     # kept: pixel 0 (0.25) and pixel 2 (0); pixel 1 below τ, pixel 3 padding; divide by 3 valid pixels.
-    assert contrastive_weighted(d, pseudo, conf, valid, 0.95).item() == pytest.approx(0.25 / 3)
+    assert contrastive_weighted(d, PseudoLabels(pseudo, conf, valid, 0.95)).item() == pytest.approx(0.25 / 3)
     valid_all = torch.ones(1, 1, 4, dtype=torch.bool)
-    assert contrastive_weighted(d, pseudo, conf, valid_all, 0.95).item() == pytest.approx((0.25 + 0.25) / 4)
+    both = contrastive_weighted(d, PseudoLabels(pseudo, conf, valid_all, 0.95))
+    assert both.item() == pytest.approx((0.25 + 0.25) / 4)
     d = d.clone().requires_grad_()
-    loss = contrastive_weighted(d, pseudo, torch.zeros(1, 1, 4), valid, 0.95)
+    loss = contrastive_weighted(d, PseudoLabels(pseudo, torch.zeros(1, 1, 4), valid, 0.95))
     assert loss.item() == 0.0 and loss.requires_grad
-    loss = contrastive_weighted(d, pseudo, conf, torch.zeros(1, 1, 4, dtype=torch.bool), 0.95)
+    loss = contrastive_weighted(d, PseudoLabels(pseudo, conf, torch.zeros(1, 1, 4, dtype=torch.bool), 0.95))
     assert loss.item() == 0.0 and not bool(torch.isnan(loss))
 
 

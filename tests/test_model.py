@@ -13,11 +13,27 @@ from diffmatch.model import (
     ModelOutput,
     authors_distance,
     build_model,
-    count_parameters,
     distance,
     param_groups,
     upsample,
 )
+
+
+def count_parameters(model: DiffMatchNet) -> dict[str, int]:
+    """Number of parameters of each part (BatchNorm buffers excluded) and in total."""
+
+    def count(module: nn.Module | None) -> int:
+        return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+    diff = model.diff_decoder
+    return {
+        "encoder": count(model.encoder),
+        "difference_decoder": count(diff.mlp),
+        "w_cr": count(diff.w_cr),
+        "w_vl": count(diff.w_vl),
+        "segmentation_decoder": count(model.seg_decoder),
+        "total": count(model),
+    }
 
 
 @pytest.fixture(scope="module")

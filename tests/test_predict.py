@@ -13,10 +13,10 @@ from conftest import geotiff_tags, write_geotiff
 from PIL import Image
 
 from diffmatch.augment import image_to_tensor
+from diffmatch.checkpoint import RunState, model_from_checkpoint, save_checkpoint
 from diffmatch.cli import InputError
-from diffmatch.config import DataConfig, ModelConfig, TrainArgs
+from diffmatch.config import DataConfig, ModelConfig, TrainArgs, to_dict
 from diffmatch.geotiff import geo_tags
-from diffmatch.model import model_from_checkpoint, save_checkpoint
 from diffmatch.predict import Args, change_mask, main, overlay_image, probability_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = ModelConfig(backbone="resnet18", decoder_channels=16)
     args = TrainArgs(data=DataConfig(root=Path("data"), crop_size=CROP), model=config, device="cpu")
     path = tmp_path_factory.mktemp("run") / "best.pt"
-    save_checkpoint(path, model=build_model(config), args=args, epoch=1, iteration=1, best_score=0.0)
+    save_checkpoint(path, RunState(build_model(config), epoch=1, iteration=1, best=0.0), to_dict(args))
     return path
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from diffmatch.config import IGNORE, LossConfig
 from diffmatch.data import LabeledSample, UnlabeledSample
 from diffmatch.model import ModelOutput
-from diffmatch.step import compute_losses
+from diffmatch.step import Batches, StepSetup, Weights, compute_losses
 
 H = W = 3
 
@@ -135,13 +135,13 @@ SWITCHES = [dict(zip(("vl_guidance", "seg_guidance", "contrastive", "dual_head")
 def test_diffmatch_step_total_by_hand(switches: dict[str, bool]) -> None:
     dual_head = switches.pop("dual_head")
     cfg = LossConfig(tau=0.6, **switches)
-    step = compute_losses(Stub(dual_head), "diffmatch", X, U, U2, cfg, lambda_vl=0.07)
+    step = compute_losses(Stub(dual_head), Batches(X, U, U2), StepSetup("diffmatch", cfg), Weights(0.07))
     assert float(step.total) == pytest.approx(by_hand("diffmatch", cfg, dual_head, 0.07), rel=1e-5)
 
 
 def test_fixmatch_step_total_by_hand() -> None:
     cfg = LossConfig(tau=0.6)
-    step = compute_losses(Stub(True), "fixmatch", X, U, U2, cfg, lambda_vl=0.07)
+    step = compute_losses(Stub(True), Batches(X, U, U2), StepSetup("fixmatch", cfg), Weights(0.07))
     assert float(step.total) == pytest.approx(by_hand("fixmatch", cfg, True, 0.07), rel=1e-5)
 
 

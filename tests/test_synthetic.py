@@ -1,4 +1,4 @@
-"""The synthetic data set: the layout of README §1, the VLM files of README §2, determinism, resumability,
+"""The synthetic data set: the layout and the VLM files of docs/data.md, determinism, resumability,
 plausibility."""
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
-    synthetic.generate(out, num_pairs=NUM, size=SIZE, vlm_kinds=("npy", "json", "png"), seed=3, verbose=False)
+    synthetic.generate(synthetic.Args(out, num_pairs=NUM, size=SIZE, vlm_kinds=("npy", "json", "png"), seed=3),
+                       verbose=False)
     return out
 
 
@@ -65,10 +66,10 @@ def test_vlm_files(root: Path) -> None:
 
 
 def test_deterministic_and_independent_of_workers(root: Path, tmp_path: Path) -> None:
-    synthetic.generate(tmp_path / "same", num_pairs=NUM, size=SIZE, vlm_kinds=("npy", "json", "png"), seed=3,
-                       workers=2, verbose=False)  # fmt: skip
+    synthetic.generate(synthetic.Args(tmp_path / "same", num_pairs=NUM, size=SIZE, vlm_kinds=("npy", "json", "png"),
+                                      seed=3, workers=2), verbose=False)
     assert _files(tmp_path / "same") == _files(root)
-    synthetic.generate(tmp_path / "other", num_pairs=2, size=SIZE, seed=4, verbose=False)
+    synthetic.generate(synthetic.Args(tmp_path / "other", num_pairs=2, size=SIZE, seed=4), verbose=False)
     other = _files(tmp_path / "other")
     assert all(other[k] != _files(root)[k] for k in ("A/syn_00000.png", "vlm/B/syn_00001.npy"))
 
@@ -138,11 +139,11 @@ def test_resume_skips_complete_pairs(tmp_path: Path, capsys: pytest.CaptureFixtu
     synthetic.main(synthetic.Args(out=out, num_pairs=3, size=32))
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.*")}
     (out / "vlm" / "B" / "syn_00001.json").unlink()
-    synthetic.generate(out, num_pairs=3, size=32)
+    synthetic.generate(synthetic.Args(out, num_pairs=3, size=32))
     assert "1 pairs to write, 2 complete already" in capsys.readouterr().out
     assert (out / "vlm" / "B" / "syn_00001.json").is_file()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.stem in ("syn_00000", "syn_00002"))
-    synthetic.generate(out, num_pairs=3, size=32, overwrite=True, verbose=False)
+    synthetic.generate(synthetic.Args(out, num_pairs=3, size=32, overwrite=True), verbose=False)
     assert (out / "A" / "syn_00000.png").stat().st_mtime_ns != stamps[out / "A" / "syn_00000.png"]
     assert not list(out.rglob("*.tmp"))
 
@@ -154,7 +155,7 @@ def test_resume_skips_complete_pairs(tmp_path: Path, capsys: pytest.CaptureFixtu
 )
 def test_bad_options(tmp_path: Path, options: dict) -> None:
     with pytest.raises(InputError):
-        synthetic.generate(tmp_path, **{"num_pairs": 2, "size": 32, **options})
+        synthetic.generate(synthetic.Args(tmp_path, **{"num_pairs": 2, "size": 32, **options}))
 
 
 def test_record_of_windowed_fortran_mask() -> None:

@@ -18,11 +18,21 @@ from torch import nn
 
 from diffmatch import losses
 from diffmatch import train as train_module
+from diffmatch.checkpoint import RunState, load_checkpoint
 from diffmatch.cli import InputError
-from diffmatch.config import DataConfig, LossConfig, ModelConfig, TrainArgs, to_dict
+from diffmatch.config import DataConfig, LossConfig, ModelConfig, Stabilisers, TrainArgs, to_dict
 from diffmatch.data import LabeledSample, UnlabeledSample
-from diffmatch.model import build_model, load_checkpoint
-from diffmatch.step import LearningStatus, compute_losses, ema_update, uses_every_parameter
+from diffmatch.model import build_model
+from diffmatch.run import check_same_run
+from diffmatch.step import (
+    Batches,
+    LearningStatus,
+    StepSetup,
+    Weights,
+    compute_losses,
+    ema_update,
+    uses_every_parameter,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +101,7 @@ def test_every_method_evaluates_on_the_same_iteration_schedule(data_root: Path, 
 
 def test_warmup_holds_back_only_the_pseudo_label_terms(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    loss = LossConfig(tau=0.0, warmup_iters=2)
+    loss = LossConfig(tau=0.0, stabilise=Stabilisers(warmup_iters=2))
     train_module.train(tiny_args(data_root, out, max_iters=4, eval_interval=1, loss=loss))
     steps = [r for r in records(out) if "loss" in r]
     for r in steps[:2]:  # L_s, the labelled half of L_c and the CEG guidance train; L_u waits
@@ -109,7 +119,7 @@ def test_warmup_step_has_the_labelled_half_of_the_contrastive_term_alone() -> No
     model = build_model(ModelConfig(backbone="resnet18", decoder_channels=8))
     x, u, u2 = random_batches()
     cfg = LossConfig(tau=0.0)
-    held = compute_losses(model, "diffmatch", x, u, u2, cfg, 0.1, unsup_weight=0.0)
+    held = compute_losses(model, Batches(x, u, u2), StepSetup("diffmatch", cfg), Weights(0.1, pseudo=0.0))
     out = model(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=False)
     labelled = losses.contrastive_balanced(out.distance[:2], x.label, cfg.margin)
     held_terms = held.terms._replace(**{k: v.detach() for k, v in held.terms._asdict().items()})
@@ -117,13 +127,14 @@ def test_warmup_step_has_the_labelled_half_of_the_contrastive_term_alone() -> No
     assert float(held_terms.u) == 0.0 and float(held.confident) == 0.0
     assert float(held_terms.c) == pytest.approx(float(labelled) / 2, rel=1e-5)
     assert float(held_terms.vl) > 0
-    full = compute_losses(model, "diffmatch", x, u, u2, cfg, 0.1, unsup_weight=1.0).terms
+    full = compute_losses(model, Batches(x, u, u2), StepSetup("diffmatch", cfg), Weights(0.1, pseudo=1.0)).terms
     assert float(full.u.detach()) > 0 and float(full.c.detach()) > float(held_terms.c)
 
 
 def test_rampup_weighs_the_pseudo_label_terms_from_the_end_of_the_warmup(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    loss = LossConfig(tau=0.0, warmup_iters=1, rampup_iters=2, lambda_vl=0.0, contrastive=False)
+    loss = LossConfig(tau=0.0, lambda_vl=0.0, contrastive=False,
+                      stabilise=Stabilisers(warmup_iters=1, rampup_iters=2))
     train_module.train(tiny_args(data_root, out, max_iters=4, log_every=1, loss=loss))
     steps = [r for r in records(out) if "loss" in r]
     for r, weight in zip(steps[1:], (math.exp(-5), math.exp(-5 / 4), 1.0), strict=True):
@@ -136,15 +147,14 @@ def test_ema_teacher_starts_as_the_student_when_pseudo_labels_start(data_root: P
     calls = []
     real = train_module.compute_losses
 
-    def spy(model: nn.Module, *args: object, **kwargs: object) -> object:
-        teacher, weight = kwargs["teacher"], kwargs["unsup_weight"]
-        same = all(torch.equal(t, s) for t, s in zip(teacher.state_dict().values(), model.state_dict().values(),
-                                                      strict=True))
-        calls.append((weight, same))
-        return real(model, *args, **kwargs)
+    def spy(model: nn.Module, batch: Batches, setup: StepSetup, weights: Weights) -> object:
+        same = all(torch.equal(t, s) for t, s in zip(setup.teacher.state_dict().values(),
+                                                      model.state_dict().values(), strict=True))
+        calls.append((weights.pseudo, same))
+        return real(model, batch, setup, weights)
 
     monkeypatch.setattr(train_module, "compute_losses", spy)
-    loss = LossConfig(ema_teacher=0.9, warmup_iters=2)
+    loss = LossConfig(stabilise=Stabilisers(ema_teacher=0.9, warmup_iters=2))
     train_module.train(tiny_args(data_root, tmp_path / "run", method="fixmatch", max_iters=5, loss=loss))
     assert [w for w, _ in calls] == [0.0, 0.0, 1.0, 1.0, 1.0]
     assert calls[2][1] is True  # a copy of the student at its start, not an average of the warm-up's iterates
@@ -170,7 +180,8 @@ def test_learning_status_is_kept_per_sample_over_the_set() -> None:
 
 
 def test_ema_teacher_is_checkpointed_and_resumes(data_root: Path, tmp_path: Path, monkeypatch) -> None:
-    loss = LossConfig(ema_teacher=0.9, class_thresholds=True, tau=0.6)  # the learning status resumes too
+    # the learning status resumes too
+    loss = LossConfig(tau=0.6, stabilise=Stabilisers(ema_teacher=0.9, class_thresholds=True))
     straight = tmp_path / "straight"
     train_module.train(tiny_args(data_root, straight, method="fixmatch", loss=loss))
     state = load_checkpoint(straight / "last.pt")
@@ -179,8 +190,8 @@ def test_ema_teacher_is_checkpointed_and_resumes(data_root: Path, tmp_path: Path
     killed = tmp_path / "killed"
     real_save = train_module.save_checkpoint
 
-    def save_then_die(path: Path, **kwargs: object) -> None:
-        real_save(path, **kwargs)
+    def save_then_die(path: Path, *args: object) -> None:
+        real_save(path, *args)
         if path.name == "last.pt":
             raise KeyboardInterrupt
 
@@ -202,8 +213,8 @@ def test_resumed_run_ends_with_the_same_weights(data_root: Path, tmp_path: Path,
     killed = tmp_path / "killed"
     real_save = train_module.save_checkpoint
 
-    def save_then_die(path: Path, **kwargs: object) -> None:
-        real_save(path, **kwargs)
+    def save_then_die(path: Path, *args: object) -> None:
+        real_save(path, *args)
         if path.name == "last.pt":
             raise KeyboardInterrupt  # killed right after epoch 1 was saved
 
@@ -291,7 +302,7 @@ def test_ddp_knows_which_parameters_the_losses_reach(tmp_path: Path, method: str
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", decoder_channels=8, dual_head=dual_head))
     x, u, u2 = random_batches()
-    out = compute_losses(model, method, x, u, u2, replace(loss, tau=0.0), 0.1)
+    out = compute_losses(model, Batches(x, u, u2), StepSetup(method, replace(loss, tau=0.0)), Weights(0.1))
     out.total.backward()
     unused = [name for name, p in model.named_parameters() if p.grad is None]
     assert (not unused) == uses_every_parameter(method, loss, dual_head), unused
@@ -300,7 +311,7 @@ def test_ddp_knows_which_parameters_the_losses_reach(tmp_path: Path, method: str
         ddp = nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=not uses_every_parameter(method, loss, dual_head))
         for _ in range(2):  # a wrong flag fails on the second step
-            compute_losses(ddp, method, x, u, u2, loss, 0.1).total.backward()
+            compute_losses(ddp, Batches(x, u, u2), StepSetup(method, loss), Weights(0.1)).total.backward()
     finally:
         dist.destroy_process_group()
 
@@ -334,19 +345,21 @@ def test_teacher_gives_the_pseudo_labels(tmp_path: Path) -> None:
     seen: list[torch.Size] = []
     teacher.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
     x, u, u2 = random_batches()
-    result = compute_losses(model, "diffmatch", x, u, u2, LossConfig(), 0.1, teacher=teacher)
+    result = compute_losses(model, Batches(x, u, u2),
+                            StepSetup("diffmatch", LossConfig(), teacher=teacher), Weights(0.1))
     assert seen == [u2.a.shape, u.a.shape] and not teacher.training
     assert float(result.confident) == 1.0  # every valid pixel above τ: the teacher's labels, not the student's
-    assert float(compute_losses(model, "diffmatch", x, u, u2, LossConfig(), 0.1).confident) < 1.0
+    assert float(compute_losses(model, Batches(x, u, u2),
+                                StepSetup("diffmatch", LossConfig()), Weights(0.1)).confident) < 1.0
 
 
 def test_resume_accepts_a_run_saved_before_a_setting_existed(tmp_path: Path) -> None:
     args = tiny_args(tmp_path, tmp_path / "run")
     saved = to_dict(args)
     del saved["data"]["label_threshold"]  # a checkpoint written before --data.label-threshold
-    train_module.check_same_run(saved, args, tmp_path / "last.pt")
+    check_same_run(saved, args, tmp_path / "last.pt")
     with pytest.raises(InputError, match="trained with other --data;"):
-        train_module.check_same_run(saved, replace(args, data=replace(args.data, label_threshold=128)),
+        check_same_run(saved, replace(args, data=replace(args.data, label_threshold=128)),
                                     tmp_path / "last.pt")
 
 
@@ -355,14 +368,16 @@ def test_weak_bn_stats_leave_the_strong_view_out_of_the_running_statistics() -> 
     model = build_model(ModelConfig(backbone="resnet18", decoder_channels=8))
     weak_only = copy.deepcopy(model)
     x, u, u2 = random_batches()
-    compute_losses(model, "fixmatch", x, u, u2, LossConfig(weak_bn_stats=True), 0.1)
+    compute_losses(model, Batches(x, u, u2),
+                   StepSetup("fixmatch", LossConfig(stabilise=Stabilisers(weak_bn_stats=True))), Weights(0.1))
     with torch.no_grad():  # the one forward pass that should have moved the statistics: x and u-weak
         weak_only(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=True)
     bn = [(n, b) for n, b in model.named_buffers() if "running" in n]
     for name, value in bn:
         torch.testing.assert_close(value, dict(weak_only.named_buffers())[name], msg=name)
     assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))  # restored
-    compute_losses(model, "fixmatch", x, u, u2, LossConfig(), 0.1)  # the paper's step: the strong view counts too
+    compute_losses(model, Batches(x, u, u2),
+                   StepSetup("fixmatch", LossConfig()), Weights(0.1))  # the paper's step: the strong view counts too
     weak_only(torch.cat([x.a, u.a]), torch.cat([x.b, u.b]), change_only=True)
     assert any(not torch.allclose(v, dict(weak_only.named_buffers())[n]) for n, v in bn)
 
@@ -373,10 +388,10 @@ def test_last_checkpoint_is_saved_at_most_every_save_every_seconds(data_root: Pa
     saved: list[int] = []
     real_save = train_module.save_checkpoint
 
-    def counting_save(path: Path, **kwargs: object) -> None:
+    def counting_save(path: Path, state: RunState, config: dict) -> None:
         if path.name == "last.pt":
-            saved.append(int(kwargs["epoch"]))  # type: ignore[call-overload]
-        real_save(path, **kwargs)
+            saved.append(state.epoch)
+        real_save(path, state, config)
 
     monkeypatch.setattr(train_module, "save_checkpoint", counting_save)
     train_module.train(tiny_args(data_root, tmp_path / "run", save_every=save_every))

@@ -1,4 +1,4 @@
-"""VLM output readers (README §2, "VLM file formats"): the three file kinds, the fallbacks and every
+"""VLM output readers (docs/data.md, "VLM file formats"): the three file kinds, the fallbacks and every
 malformed input."""
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def test_no_other_command_imports_transformers() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
     names, loaded = out.stdout.splitlines()
     commands = {"ceg", "train", "evaluate", "predict", "prepare", "demo", "bench", "pretrain", "synthetic", "vlm_run"}
-    assert {f"diffmatch.{c}" for c in commands} | {"diffmatch.synthetic.scene"} <= set(names.split())
+    assert {f"diffmatch.{c}" for c in commands} | {"diffmatch.lab.synthetic.scene"} <= set(names.split())
     assert loaded == "[]"
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -34,12 +34,13 @@ from diffmatch import ceg, vlm
 from diffmatch.atomic import write_json
 from diffmatch.cli import InputError
 from diffmatch.config import AugmentConfig, Backbone, CEGConfig, LossConfig, Method, ModelConfig, OptimConfig, to_dict
-from diffmatch.data import LabeledSet, UnlabeledSet, repeat_to
-from diffmatch.evaluate import change_logits
+from diffmatch.data import LabeledSet, UnlabeledSet, ViewOptions, repeat_to
+from diffmatch.device import autocast, pick_device, use_bf16
+from diffmatch.evaluate import Windows, change_logits
 from diffmatch.lab import comparison, synthetic
 from diffmatch.lab.comparison import Regime
-from diffmatch.model import autocast, build_model, build_optimizer, pick_device, use_bf16
-from diffmatch.step import compute_losses, to_device
+from diffmatch.model import build_model, build_optimizer
+from diffmatch.step import Batches, StepSetup, Weights, compute_losses, to_device
 
 Part = Literal["ceg", "data", "train", "inference", "methods"]
 PSEUDO = "pseudo_bench"
@@ -87,6 +88,24 @@ class Args:
     """DataLoader worker counts of the data benchmark (training loads in the main process)."""
     out: Path = Path("bench.json")
     """JSON report to write."""
+
+
+class Settings(NamedTuple):
+    """What the data, training and inference benchmarks feed and how they time it: ``Args`` with the device
+    picked and autocast decided."""
+
+    crop: int
+    """Side of the training crop and of the inference pairs."""
+    batch_size: int
+    """Pairs per batch: labelled and each unlabelled batch, data loader and inference."""
+    device: torch.device
+    """Where the model runs (CUDA synchronised before each clock reading)."""
+    warmup: int = 2
+    """Untimed iterations before the timed ones."""
+    iters: int = 5
+    """Timed iterations (training, inference)."""
+    amp: bool = False
+    """bf16 autocast (``use_bf16`` decides: CUDA only, as in training)."""
 
 
 def tick(device: torch.device) -> float:
@@ -157,36 +176,36 @@ def bench_ceg(root: Path, *, workers: tuple[int, ...] = (1, 2)) -> dict:
             "run_vs_read": {w: t / read for w, t in runs.items()}}
 
 
-def bench_pipeline(root: Path, ids: list[str], *, crop: int, batch_size: int, workers: tuple[int, ...] = (0, 1, 2),
+def bench_pipeline(root: Path, ids: list[str], settings: Settings, *, workers: tuple[int, ...] = (0, 1, 2),
                    samples: int = 64) -> dict:
-    """Per worker count, samples/s of ``UnlabeledSet`` with CEG labels through a DataLoader, in all and per
-    worker process (the main process for 0): one pass to start the workers and warm the cache, one timed."""
-    dataset = UnlabeledSet(root, repeat_to(ids, samples), crop_size=crop, augment_cfg=AugmentConfig(),
-                           pseudo_dir=PSEUDO)
+    """Per worker count, samples/s of ``UnlabeledSet`` with CEG labels through a DataLoader (crops and batches of
+    ``settings``), in all and per worker process (the main process for 0): one pass to start the workers and
+    warm the cache, one timed."""
+    dataset = UnlabeledSet(root, repeat_to(ids, samples), views=ViewOptions(settings.crop, AugmentConfig(), PSEUDO))
     rates = {}
     for count in workers:
         say(f"data: {samples} samples, {count} worker(s)")
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=count, persistent_workers=count > 0)
+        loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=count, persistent_workers=count > 0)
         sum(1 for _ in loader)  # start the workers, warm the cache
         start = time.perf_counter()
         rates[str(count)] = sum(len(batch.a) for batch in loader) / (time.perf_counter() - start)
     return {"samples": samples, "samples_per_s": rates, "per_worker": {w: r / max(int(w), 1) for w, r in rates.items()}}
 
 
-def bench_train(root: Path, ids: list[str], *, method: Method, model_cfg: ModelConfig, crop: int, batch_size: int,
-                device: torch.device, warmup: int = 2, iters: int = 5, amp: bool = False) -> dict:
+def bench_train(root: Path, ids: list[str], method: Method, model_cfg: ModelConfig, settings: Settings) -> dict:
     """One training iteration (§3, Table 1): ``ms`` (median, min) of data, forward, backward, step and the
     iteration; ``bare_ms`` of the bare model's forward+backward on the same images and ``vs_bare``, the
     iteration's forward+backward over it; peak memory in MiB and what it measures."""
+    crop, batch_size, device, warmup, iters, amp = settings
     count, pseudo = batch_size * (warmup + iters), PSEUDO if method == "diffmatch" else None
-    common = {"crop_size": crop, "augment_cfg": AugmentConfig(), "pseudo_dir": pseudo}
+    views = ViewOptions(crop, AugmentConfig(), pseudo)
 
     def stream(dataset: Dataset) -> Iterator:
         return iter(DataLoader(dataset, batch_size=batch_size, drop_last=True, pin_memory=device.type == "cuda"))
 
-    x_it = stream(LabeledSet(root, repeat_to(ids, count), **common))
+    x_it = stream(LabeledSet(root, repeat_to(ids, count), views=views))
     u_its = [iter(lambda: None, 0)] * 2 if method == "supervised" else [
-        stream(UnlabeledSet(root, repeat_to(ids, count), seed=k, **common)) for k in (1, 2)]
+        stream(UnlabeledSet(root, repeat_to(ids, count), views=views, seed=k)) for k in (1, 2)]
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device).train()
     opt, loss_cfg = OptimConfig(), LossConfig()
@@ -199,7 +218,7 @@ def bench_train(root: Path, ids: list[str], *, method: Method, model_cfg: ModelC
         x, u, u2 = (to_device(next(it), device) for it in (x_it, *u_its))
         t1 = tick(device)
         with autocast(device, amp):
-            result = compute_losses(model, method, x, u, u2, loss_cfg, loss_cfg.lambda_vl)
+            result = compute_losses(model, Batches(x, u, u2), StepSetup(method, loss_cfg), Weights(loss_cfg.lambda_vl))
         t2 = tick(device)
         optimizer.zero_grad(set_to_none=True)
         result.total.backward()
@@ -223,14 +242,14 @@ def bench_train(root: Path, ids: list[str], *, method: Method, model_cfg: ModelC
             "peak_memory_mib": memory, "peak_memory_kind": kind}
 
 
-def bench_inference(model_cfg: ModelConfig, *, crop: int, batch_size: int, device: torch.device, warmup: int = 2,
-                    iters: int = 5, amp: bool = False) -> dict:
+def bench_inference(model_cfg: ModelConfig, settings: Settings) -> dict:
     """``ms`` (median, min) per call of ``change_logits`` (eval mode, no gradient) on ``batch_size`` random
     crop-sized pairs, and pairs/s."""
+    crop, batch_size, device, warmup, iters, amp = settings
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device).eval()
     a, b = (torch.randn(batch_size, 3, crop, crop).to(device) for _ in range(2))
-    times = durations(lambda: change_logits(model, a, b, tile=crop, overlap=0, batch_size=batch_size),
+    times = durations(lambda: change_logits(model, a, b, windows=Windows(crop, 0, batch_size, amp)),
                       warmup=warmup, iters=iters, device=device, amp=amp)
     rate = batch_size / statistics.median(times)
     return {"batch_size": batch_size, "crop": crop, "ms": ms(times), "pairs_per_s": rate}
@@ -269,8 +288,9 @@ def bench_methods(args: Args, runs: Path) -> dict:
     missing) or on a synthetic set written under ``runs``; the runs' test scores and their summary."""
     root = comparison.data_root(args.data, runs, args.regime, workers=max(args.ceg_workers))
     start = time.perf_counter()
-    result = comparison.compare(root, runs, methods=args.methods or comparison.METHODS, seeds=args.seeds,
-                                regime=args.regime, device=args.device, jobs=args.jobs)
+    launch = comparison.Launch(root, runs, device=args.device, jobs=args.jobs)
+    result = comparison.compare(launch, methods=args.methods or comparison.METHODS, seeds=args.seeds,
+                                regime=args.regime)
     return {**result, "seconds": time.perf_counter() - start}
 
 
@@ -292,6 +312,7 @@ def main(args: Args) -> dict:
     device = pick_device(args.device)
     amp = use_bf16(args.amp, device)
     model_cfg = ModelConfig(backbone=args.backbone)
+    settings = Settings(args.crop, args.batch_size, device, warmup=args.warmup, iters=args.iters, amp=amp)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     machine = {"device": str(device), "name": name, "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -304,7 +325,7 @@ def main(args: Args) -> dict:
         root = args.data or Path(tmp) / "synthetic"
         if args.data is None and set(args.parts) - {"methods", "inference"}:
             say(f"writing a synthetic set to {root}")
-            synthetic.generate(root, num_pairs=16, size=max(256, args.crop), verbose=False)
+            synthetic.generate(synthetic.Args(out=root, num_pairs=16, size=max(256, args.crop)), verbose=False)
         ids = sorted(vlm.list_ids(root / "vlm" / "A"))
         if "ceg" in args.parts:
             results["ceg"] = bench_ceg(root, workers=args.ceg_workers)
@@ -312,15 +333,12 @@ def main(args: Args) -> dict:
                                                              for i in ids):  # the CEG labels they read
             run_ceg(root, workers=max(args.ceg_workers), overwrite=False)
         if "data" in args.parts:
-            results["data"] = bench_pipeline(root, ids, crop=args.crop, batch_size=args.batch_size,
-                                             workers=args.loader_workers, samples=8 * args.batch_size)
+            results["data"] = bench_pipeline(root, ids, settings, workers=args.loader_workers,
+                                             samples=8 * args.batch_size)
         if "train" in args.parts:
-            results["train"] = [bench_train(root, ids, method=m, model_cfg=model_cfg, crop=args.crop, device=device,
-                                            batch_size=args.batch_size, warmup=args.warmup, iters=args.iters, amp=amp)
-                                for m in args.methods or ("diffmatch",)]
+            results["train"] = [bench_train(root, ids, m, model_cfg, settings) for m in args.methods or ("diffmatch",)]
     if "inference" in args.parts:
-        results["inference"] = bench_inference(model_cfg, crop=args.crop, batch_size=args.batch_size, device=device,
-                                               warmup=args.warmup, iters=args.iters, amp=amp)
+        results["inference"] = bench_inference(model_cfg, settings)
     if set(args.parts) != {"methods"}:
         print(format_table(results))
     if "methods" in results:

@@ -15,14 +15,14 @@ import statistics
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from scipy import stats
 
 from diffmatch import ceg
-from diffmatch.config import Backbone, DataConfig, LossConfig, Method, ModelConfig, TrainArgs
+from diffmatch.config import Backbone, DataConfig, LossConfig, Method, ModelConfig, Stabilisers, TrainArgs
 from diffmatch.lab import pretrain, synthetic
-from diffmatch.pairs import read_id_list
 from diffmatch.train import train
 
 METHODS: tuple[Method, ...] = ("supervised", "fixmatch", "diffmatch")
@@ -35,7 +35,8 @@ def regime_loss() -> LossConfig:
     """The paper's loss settings with the remedies a short CPU budget needs (docs/benchmark.md): a warm-up
     of the pseudo-label terms, an EMA teacher, BatchNorm statistics from the weak views and FlexMatch's
     class-wise thresholds."""
-    return LossConfig(warmup_iters=100, ema_teacher=0.99, weak_bn_stats=True, class_thresholds=True)
+    return LossConfig(stabilise=Stabilisers(warmup_iters=100, ema_teacher=0.99, weak_bn_stats=True,
+                                            class_thresholds=True))
 
 
 @dataclass
@@ -79,10 +80,26 @@ class Regime:
     """Loss terms, switches and remedies of ``fixmatch`` and ``diffmatch``."""
 
 
+class Launch(NamedTuple):
+    """Where the runs of a comparison read and write, and how they run."""
+
+    root: Path
+    """Data set root, with CEG labels for the training split."""
+    runs: Path
+    """Folder of the runs (``<method>-seed<seed>/``) and of the encoder they share."""
+    device: str | None = None
+    """``cpu``, ``cuda`` or ``cuda:N``; None: cuda when available."""
+    workers: int = 1
+    """DataLoader worker processes of each run."""
+    jobs: int = 1
+    """Runs at a time, each in its own process with its share of the CPU threads."""
+
+
 def prepare_data(root: Path, regime: Regime, *, seed: int = 0, workers: int = 1) -> None:
     """A synthetic set at ``root`` (kept if complete) and its CEG labels for the training split."""
-    synthetic.generate(root, num_pairs=regime.pairs, size=regime.size, val_fraction=regime.val_fraction,
-                       test_fraction=regime.test_fraction, seed=seed, workers=workers, verbose=False)
+    synthetic.generate(synthetic.Args(out=root, num_pairs=regime.pairs, size=regime.size,
+                                      val_fraction=regime.val_fraction, test_fraction=regime.test_fraction,
+                                      seed=seed, workers=workers), verbose=False)
     prepare_labels(root, workers=workers)
 
 
@@ -115,21 +132,18 @@ def encoder_weights(path: Path, regime: Regime) -> str:
     return str(path)
 
 
-def run_args(root: Path, method: Method, seed: int, regime: Regime, out_dir: Path, weights: str, *,
-             device: str | None = None, workers: int = 1) -> TrainArgs:
-    """The ``train`` settings of one method and seed under ``regime``."""
-    train_ids = read_id_list(root / "list" / "train.txt") if (root / "list" / "train.txt").is_file() else []
-    labelled = max(1, round(regime.label_ratio * len(train_ids)))
-    pairs = labelled if method == "supervised" else max(len(train_ids) - labelled, 1)
-    per_epoch = max(pairs // regime.batch_size, 1)  # the loaders drop the last incomplete batch
-    epochs = -(-regime.iters // per_epoch)  # enough epochs; max_iters stops the run at regime.iters
+def run_args(launch: Launch, method: Method, seed: int, regime: Regime, weights: str) -> TrainArgs:
+    """The ``train`` settings of one method and seed under ``regime``, writing to
+    ``<runs>/<method>-seed<seed>``, from the encoder ``weights``. ``epochs`` is only an upper bound (an epoch
+    has at least one iteration): ``max_iters`` ends every run after ``regime.iters`` iterations."""
     return TrainArgs(
-        data=DataConfig(root=root, crop_size=regime.crop), label_ratio=regime.label_ratio, method=method,
-        epochs=epochs, batch_size=regime.batch_size,
+        data=DataConfig(root=launch.root, crop_size=regime.crop), label_ratio=regime.label_ratio, method=method,
+        epochs=regime.iters, batch_size=regime.batch_size,
         model=ModelConfig(backbone=regime.backbone, weights=weights, decoder_channels=regime.decoder_channels,
                           dual_head=regime.dual_head),
-        loss=regime.loss, out_dir=out_dir, seed=seed, num_workers=workers, device=device,
-        log_every=max(1, regime.iters // 8), eval_interval=regime.eval_interval, max_iters=regime.iters)
+        loss=regime.loss, out_dir=launch.runs / f"{method}-seed{seed}", seed=seed, num_workers=launch.workers,
+        device=launch.device, log_every=max(1, regime.iters // 8), eval_interval=regime.eval_interval,
+        max_iters=regime.iters)
 
 
 def run_method(args: TrainArgs) -> dict:
@@ -156,26 +170,25 @@ def _run_in_process(args: TrainArgs, threads: int) -> dict:
     return run_method(args)
 
 
-def compare(root: Path, runs: Path, *, methods: tuple[Method, ...] = METHODS, seeds: tuple[int, ...] = (0,),
-            regime: Regime | None = None, device: str | None = None, workers: int = 1, jobs: int = 1) -> dict:
-    """Every method for every seed on the data set at ``root`` (with CEG labels), runs under ``runs``,
-    ``jobs`` runs at a time (each in its own process with its share of the CPU threads); returns the runs'
-    scores and their mean and standard deviation per method."""
+def compare(launch: Launch, *, methods: tuple[Method, ...] = METHODS, seeds: tuple[int, ...] = (0,),
+            regime: Regime | None = None) -> dict:
+    """Every method for every seed on the data set at ``launch.root`` (with CEG labels), runs under
+    ``launch.runs``, ``launch.jobs`` runs at a time (each in its own process with its share of the CPU
+    threads); returns the runs' scores and their mean and standard deviation per method."""
     regime = regime or Regime()
     cover = "with-buildings" if regime.pretrain_buildings else "no-buildings"
     name = f"encoder-{regime.backbone}-{regime.pretrain_scenes}x{regime.pretrain_iters}-{cover}.pt"
-    weights = encoder_weights(runs / name, regime)
-    todo = [(m, s, run_args(root, m, s, regime, runs / f"{m}-seed{s}", weights, device=device, workers=workers))
-            for s in seeds for m in methods]
+    weights = encoder_weights(launch.runs / name, regime)
+    todo = [(m, s, run_args(launch, m, s, regime, weights)) for s in seeds for m in methods]
     results: dict[str, dict[str, dict]] = {m: {} for m in methods}
-    print(f"{len(todo)} runs of {regime.iters} iterations, {jobs} at a time", file=sys.stderr, flush=True)
-    if jobs == 1:
+    print(f"{len(todo)} runs of {regime.iters} iterations, {launch.jobs} at a time", file=sys.stderr, flush=True)
+    if launch.jobs == 1:
         for method, seed, args in todo:
             results[method][str(seed)] = run_method(args)
     else:
-        threads = max(1, torch.get_num_threads() // jobs)
+        threads = max(1, torch.get_num_threads() // launch.jobs)
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(launch.jobs, mp_context=context) as pool:
             futures = {(m, s): pool.submit(_run_in_process, args, threads) for m, s, args in todo}
             for (method, seed), future in futures.items():
                 results[method][str(seed)] = future.result()

@@ -35,9 +35,10 @@ def demo_regime() -> Regime:
 
 def quick_regime() -> Regime:
     """A budget that only checks every step runs."""
+    loss = comparison.regime_loss()
     return Regime(pairs=40, val_fraction=0.1, size=64, crop=32, label_ratio=0.2, decoder_channels=16, batch_size=2,
                   iters=4, eval_interval=2, pretrain_iters=2, pretrain_scenes=4,
-                  loss=replace(comparison.regime_loss(), warmup_iters=2))
+                  loss=replace(loss, stabilise=replace(loss.stabilise, warmup_iters=2)))
 
 
 @dataclass
@@ -71,8 +72,8 @@ def run(args: Args, regime: Regime, root: Path) -> dict:
         table = ceg.main(ceg.Args(root=data, split="test", out_name="pseudo_test", workers=args.workers))
     print(f"[3/3] pretraining an encoder ({regime.pretrain_iters} iterations), then supervised, fixmatch and "
           f"diffmatch for {regime.iters} iterations each ({regime.backbone}); progress on stderr", flush=True)
-    result = comparison.compare(data, root / "runs", seeds=(args.seed,), regime=regime, device=args.device,
-                                jobs=args.jobs)
+    launch = comparison.Launch(data, root / "runs", device=args.device, jobs=args.jobs)
+    result = comparison.compare(launch, seeds=(args.seed,), regime=regime)
     methods = {m: runs[str(args.seed)] for m, runs in result["runs"].items()}
     summary = {"ceg_test": table["rows"] if table else None, "methods": methods,
                "regime": asdict(regime), "seconds": round(time.time() - start, 1)}

@@ -1,4 +1,5 @@
-"""A procedural change-detection data set in the layout of README §1, with simulated VLM outputs (README §2).
+"""A procedural change-detection data set in the layout of docs/data.md, with simulated VLM outputs
+(docs/data.md, "VLM file formats").
 
 Pairs come from ``synthetic/scene.py`` (LEVIR-CD-like suburbs, buildings built or demolished, nuisance
 differences and a 1-3 px misregistration). For each date a simulated open-vocabulary segmenter gives
@@ -87,10 +88,51 @@ def _record(mask: np.ndarray, win: tuple[slice, slice], category: int, score: fl
             "score": round(float(score), 4), "segmentation": encode_mask(mask), "bbox": box}
 
 
+def _detections(rng: np.random.Generator, local: np.ndarray, kind: int, noise: float
+                ) -> list[tuple[np.ndarray, int, float]]:
+    """The VLM's masks of one building (``local``, in its window), category and score: none if missed, else
+    the mask dilated, eroded, shifted or intact, sometimes under the other prompt or with a duplicate."""
+    area = int(local.sum())
+    if rng.random() < noise * (0.08 + 0.25 * (area < 120)):  # missed
+        return []
+    pick = rng.random()
+    if pick < 0.3 * noise:  # dilated
+        local = grow(local, int(rng.integers(1, 3)))
+    elif pick < 0.5 * noise and area > 60:  # eroded
+        local = ndimage.binary_erosion(local)
+    elif pick < 0.65 * noise:  # shifted
+        local = np.roll(local, tuple(int(v) for v in rng.integers(-2, 3, 2)), (0, 1))
+    if not local.any():
+        return []
+    category = kind if rng.random() > 0.2 * noise else 1 - kind
+    score = rng.uniform(0.5, 0.98) - 0.2 * (area < 120)
+    found = [(local, category, score)]
+    if rng.random() < 0.2 * noise:  # an overlapping duplicate with the other prompt
+        twin = ndimage.binary_dilation(local) if rng.random() < 0.5 else local
+        found.append((twin, 1 - category, score * rng.uniform(0.5, 0.9)))
+    return found
+
+
+def _false_positives(rng: np.random.Generator, cover: np.ndarray, noise: float
+                     ) -> list[tuple[np.ndarray, tuple[slice, slice], int, float]]:
+    """Boxes (in their window) the VLM takes for buildings, mostly on bare ground and paving; category, score."""
+    h, w = cover.shape
+    candidates = np.flatnonzero((cover == scene.SOIL).ravel())
+    boxes = []
+    for _ in range(rng.poisson(1.0 * noise)):
+        centre = rng.choice(candidates) if len(candidates) and rng.random() < 0.8 else rng.integers(h * w)
+        cy, cx = divmod(int(centre), w)
+        hy, hx = (int(v) for v in rng.integers(4, 12, 2))
+        win = (slice(max(0, cy - hy), min(h, cy + hy)), slice(max(0, cx - hx), min(w, cx + hx)))
+        box = np.ones((win[0].stop - win[0].start, win[1].stop - win[1].start), bool)
+        boxes.append((box, win, int(rng.integers(2)), rng.uniform(0.3, 0.7)))
+    return boxes
+
+
 def _instances(rng: np.random.Generator, view: scene.DateView, kinds: list[int], noise: float
                ) -> list[tuple[np.ndarray, tuple[slice, slice], int, float]]:
     """Detected building masks (full size, with their window), category and score: the VLM's failures."""
-    shape = h, w = view.instances.shape
+    shape = view.instances.shape
     found = []
 
     def add(local: np.ndarray, win: tuple[slice, slice], category: int, score: float) -> None:
@@ -102,33 +144,10 @@ def _instances(rng: np.random.Generator, view: scene.DateView, kinds: list[int],
         if sl is None:
             continue
         win = _window(sl, 4, shape)
-        local = view.instances[win] == index + 1
-        area = int(local.sum())
-        if rng.random() < noise * (0.08 + 0.25 * (area < 120)):  # missed
-            continue
-        pick = rng.random()
-        if pick < 0.3 * noise:  # dilated
-            local = grow(local, int(rng.integers(1, 3)))
-        elif pick < 0.5 * noise and area > 60:  # eroded
-            local = ndimage.binary_erosion(local)
-        elif pick < 0.65 * noise:  # shifted
-            local = np.roll(local, tuple(int(v) for v in rng.integers(-2, 3, 2)), (0, 1))
-        if not local.any():
-            continue
-        category = kinds[index] if rng.random() > 0.2 * noise else 1 - kinds[index]
-        score = rng.uniform(0.5, 0.98) - 0.2 * (area < 120)
-        add(local, win, category, score)
-        if rng.random() < 0.2 * noise:  # an overlapping duplicate with the other prompt
-            twin = ndimage.binary_dilation(local) if rng.random() < 0.5 else local
-            add(twin, win, 1 - category, score * rng.uniform(0.5, 0.9))
-    candidates = np.flatnonzero((view.cover == scene.SOIL).ravel())
-    for _ in range(rng.poisson(1.0 * noise)):  # false positives, mostly on bare ground and paving
-        centre = rng.choice(candidates) if len(candidates) and rng.random() < 0.8 else rng.integers(h * w)
-        cy, cx = divmod(int(centre), w)
-        hy, hx = (int(v) for v in rng.integers(4, 12, 2))
-        win = (slice(max(0, cy - hy), min(h, cy + hy)), slice(max(0, cx - hx), min(w, cx + hx)))
-        box = np.ones((win[0].stop - win[0].start, win[1].stop - win[1].start), bool)
-        add(box, win, int(rng.integers(2)), rng.uniform(0.3, 0.7))
+        for local, category, score in _detections(rng, view.instances[win] == index + 1, kinds[index], noise):
+            add(local, win, category, score)
+    for box, win, category, score in _false_positives(rng, view.cover, noise):
+        add(box, win, category, score)
     return found
 
 
@@ -220,28 +239,42 @@ def _write_pair(job: tuple[Path, int, dict, tuple[str, ...]]) -> int:
     return index
 
 
-def generate(out: Path, *, num_pairs: int = 200, size: int = 256, val_fraction: float = 0.1,
-             test_fraction: float = 0.2, change_density: float = 0.5, vlm_noise: float = 1.0,
-             vlm_kinds: tuple[VLMKind, ...] = ("npy", "json"), seed: int = 0, workers: int = 1,
-             overwrite: bool = False, verbose: bool = True) -> None:
-    """Write the data set (see ``Args`` for the options); pairs already complete are kept."""
-    if num_pairs < 1 or size < 32 or seed < 0 or workers < 1:
-        raise InputError(f"num_pairs={num_pairs}, size={size}, seed={seed}, workers={workers}: need "
-                         "num_pairs >= 1, size >= 32, seed >= 0 and workers >= 1")
-    if min(val_fraction, test_fraction) < 0 or val_fraction + test_fraction >= 1:
-        raise InputError(f"val_fraction={val_fraction}, test_fraction={test_fraction}: need shares >= 0 "
+def check_args(args: Args) -> None:
+    """Reject values that cannot make a data set, naming them."""
+    if args.num_pairs < 1 or args.size < 32 or args.seed < 0 or args.workers < 1:
+        raise InputError(f"num_pairs={args.num_pairs}, size={args.size}, seed={args.seed}, workers={args.workers}: "
+                         "need num_pairs >= 1, size >= 32, seed >= 0 and workers >= 1")
+    if min(args.val_fraction, args.test_fraction) < 0 or args.val_fraction + args.test_fraction >= 1:
+        raise InputError(f"val_fraction={args.val_fraction}, test_fraction={args.test_fraction}: need shares >= 0 "
                          "that sum to less than 1")
-    bad = [k for k in vlm_kinds if k not in ("npy", "json", "png")]
+    bad = [k for k in args.vlm_kinds if k not in ("npy", "json", "png")]
     if bad:
         raise InputError(f"vlm_kinds {bad}: choose among npy, json, png")
-    kinds = tuple(dict.fromkeys(vlm_kinds))
-    options = {"seed": seed, "size": size, "change_density": change_density, "vlm_noise": vlm_noise}
-    todo = [i for i in range(num_pairs) if overwrite or not all(p.is_file() for p in _paths(out, i, kinds))]
+
+
+def _write_lists(args: Args) -> None:
+    """``list/{train,val,test}.txt``: the first pairs train, then val, the last ones test."""
+    n_val, n_test = round(args.num_pairs * args.val_fraction), round(args.num_pairs * args.test_fraction)
+    n_train = args.num_pairs - n_val - n_test
+    ids = [pair_id(i) for i in range(args.num_pairs)]
+    splits = {"train": ids[:n_train], "val": ids[n_train : n_train + n_val], "test": ids[n_train + n_val :]}
+    for name, split in splits.items():
+        write_id_list(args.out / "list" / f"{name}.txt", split)
+
+
+def generate(args: Args, *, verbose: bool = True) -> None:
+    """Write the data set of ``args``; pairs already complete are kept unless ``args.overwrite``."""
+    check_args(args)
+    out, num_pairs = args.out, args.num_pairs
+    kinds = tuple(dict.fromkeys(args.vlm_kinds))
+    options = {"seed": args.seed, "size": args.size, "change_density": args.change_density,
+               "vlm_noise": args.vlm_noise}
+    todo = [i for i in range(num_pairs) if args.overwrite or not all(p.is_file() for p in _paths(out, i, kinds))]
     if verbose:
         print(f"{out}: {len(todo)} pairs to write, {num_pairs - len(todo)} complete already", flush=True)
     jobs = [(out, i, options, kinds) for i in todo]
     progress = Progress("synthetic", len(jobs), "pairs", enabled=verbose)
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    pool = multiprocessing.get_context("spawn").Pool(args.workers) if args.workers > 1 and len(jobs) > 1 else None
     try:
         results = pool.imap_unordered(_write_pair, jobs, chunksize=4) if pool else map(_write_pair, jobs)
         for _index in results:
@@ -249,15 +282,8 @@ def generate(out: Path, *, num_pairs: int = 200, size: int = 256, val_fraction: 
     finally:
         if pool:
             pool.terminate()
-    n_val, n_test = round(num_pairs * val_fraction), round(num_pairs * test_fraction)
-    n_train = num_pairs - n_val - n_test
-    ids = [pair_id(i) for i in range(num_pairs)]
-    splits = {"train": ids[:n_train], "val": ids[n_train : n_train + n_val], "test": ids[n_train + n_val :]}
-    for name, split in splits.items():
-        write_id_list(out / "list" / f"{name}.txt", split)
+    _write_lists(args)
 
 
 def main(args: Args) -> None:
-    generate(args.out, num_pairs=args.num_pairs, size=args.size, val_fraction=args.val_fraction,
-             test_fraction=args.test_fraction, change_density=args.change_density, vlm_noise=args.vlm_noise,
-             vlm_kinds=args.vlm_kinds, seed=args.seed, workers=args.workers, overwrite=args.overwrite)
+    generate(args)

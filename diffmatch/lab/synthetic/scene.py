@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage, special
@@ -80,6 +81,25 @@ class _Style:
     trees: tuple[int, int]  # number of tree seeds
 
 
+class _Site(NamedTuple):
+    """Where and how large a building stands; its local u runs along the street, v across it."""
+
+    cy: float
+    """Row of its centre on the canvas."""
+    cx: float
+    """Column of its centre on the canvas."""
+    angle: float
+    """Direction of u on the canvas (radians)."""
+    length: float
+    """Side along the street (u)."""
+    depth: float
+    """Side across the street (v)."""
+    side: int
+    """The street lies at -side * v."""
+    setback: float
+    """Street edge to facade."""
+
+
 _STYLES = (
     _Style(0.55, (9, 14), (7, 13), (17, 36), (15, 30), (5, 12), 0.9, False, 0.1, (40, 320)),
     _Style(0.17, (7, 11), (10, 26), (15, 32), (13, 26), (14, 50), 0.45, False, 0.35, (80, 260)),
@@ -130,16 +150,16 @@ def _layout(rng: np.random.Generator, n: int, style: _Style, theta: float) -> tu
                       + side * (width / 2 + setback + depth / 2))
                 cx, cy = n / 2 + uc * cos - vc * sin, n / 2 + uc * sin + vc * cos
                 if -depth_max < cx < n + depth_max and -depth_max < cy < n + depth_max:
-                    lots.append(_new_lot(rng, style, cy, cx, theta + math.atan(slope), length, depth,
-                                         side, setback))
+                    lots.append(_new_lot(rng, style, _Site(cy, cx, theta + math.atan(slope), length, depth,
+                                                           side, setback)))
     if cross is not None:
         roads |= np.abs(uu - cross) < width / 2
     return roads, lots
 
 
-def _new_lot(rng: np.random.Generator, style: _Style, cy: float, cx: float, angle: float, length: float,
-             depth: float, side: int, setback: float) -> _Lot:
-    """A building centred at (cy, cx); local u runs along the street, the street lies at -side * v."""
+def _new_lot(rng: np.random.Generator, style: _Style, site: _Site) -> _Lot:
+    """A building of ``style`` at ``site``: its parts, drive, roof colours and height."""
+    cy, cx, angle, length, depth, side, setback = site
     parts = [(0.0, 0.0, length / 2, depth / 2, True)]
     if rng.random() < (0.2 if style.large else 0.35):  # L-shape: a wing at one end, across the ridge
         wing_u, wing_v = length * rng.uniform(0.3, 0.5), depth * rng.uniform(0.3, 0.6)
@@ -223,7 +243,7 @@ def _changes(rng: np.random.Generator, n: int, style: _Style, lots: list[_Lot], 
         for _ in range(rng.integers(1, 4)):
             length, depth = _uni(rng, style.length), _uni(rng, style.depth)
             cy, cx = rng.uniform(0, n, 2)
-            lot = _new_lot(rng, style, cy, cx, theta + rng.normal(0, 0.3), length, depth, 1, 0.0)
+            lot = _new_lot(rng, style, _Site(cy, cx, theta + rng.normal(0, 0.3), length, depth, 1, 0.0))
             lot.in_a = False
             lots.append(lot)
     elif rng.random() < 0.55:  # a development: the zone is cleared ground in A, new houses in B
@@ -244,9 +264,71 @@ def _rgb(*values: float) -> np.ndarray:
     return np.array(values, np.float32)
 
 
-def draw_pair(rng: np.random.Generator, size: int, change_density: float) -> ScenePair:
-    """Draw one bi-temporal pair of ``size`` x ``size``; ``change_density`` is the share of pairs with change."""
-    n = size + 2 * PAD
+class _Plan(NamedTuple):
+    """The layout of a scene on the canvas and what changes in it between the dates."""
+
+    style: _Style
+    """Kind of neighbourhood."""
+    theta: float
+    """Direction of the streets (radians)."""
+    roads: np.ndarray
+    """(n, n) bool streets in B."""
+    roads_a: np.ndarray
+    """(n, n) bool streets in A: those of B, or those outside the construction zone (a new street is not a
+    labelled change)."""
+    lots: list[_Lot]
+    """Buildings, each marked built in A and/or in B."""
+    zone: np.ndarray
+    """(n, n) bool construction zone: cleared ground in A."""
+    water: np.ndarray
+    """(n, n) bool ponds."""
+
+
+class _Look(NamedTuple):
+    """Ground textures and colours shared by both dates, and each date's sun and season."""
+
+    soil: np.ndarray
+    """(n, n) bool bare ground."""
+    mid: np.ndarray
+    """(n, n, 1) mid-scale noise."""
+    fine: np.ndarray
+    """(n, n) fine-grained noise."""
+    texture: np.ndarray
+    """(n, n, 1) brightness texture of the ground."""
+    lift: np.ndarray
+    """(n, n, 1) large-scale brightness of the grass."""
+    tint: np.ndarray
+    """(n, n, 3) large-scale colour shift of the grass."""
+    bare_ground: np.ndarray
+    """(n, n, 3) colour of bare ground, with ploughed stripes."""
+    grass_tint: np.ndarray
+    """(3,) colour shift of the grass."""
+    suns: list[float]
+    """Sun azimuth of A and of B (radians)."""
+    seasons: list[float]
+    """Season of A and of B: 0 green, 1 dry and bare."""
+
+
+class _Scene(NamedTuple):
+    """A scene laid out on the canvas, ready to be painted on either date."""
+
+    plan: _Plan
+    """Streets, buildings, construction zone and ponds."""
+    look: _Look
+    """Textures, colours, suns and seasons."""
+    drawn: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    """Per date: instance map, roof colours, cast shadows and paved drives (``_footprints``)."""
+    crowns: np.ndarray
+    """(n, n) bool tree crowns."""
+    blob: np.ndarray
+    """(n, n) shading of the crowns, 0..1."""
+    demolished: np.ndarray
+    """(n, n) bool bare ground in B where buildings stood in A."""
+
+
+def _plan(rng: np.random.Generator, n: int, change_density: float) -> _Plan:
+    """Lay out a scene of ``n`` x ``n``: style, streets, lots, the changes (in a share ``change_density`` of
+    the scenes) and ponds."""
     style = _STYLES[rng.choice(len(_STYLES), p=[s.prob for s in _STYLES])]
     if rng.random() < 0.45:
         theta = rng.choice((0.0, math.pi / 2)) + rng.normal(0, 0.02)
@@ -260,6 +342,11 @@ def draw_pair(rng: np.random.Generator, size: int, change_density: float) -> Sce
     if rng.random() < 0.12:
         water = (smooth_noise(rng, n, 2.5) > 1.3) & ~grow(roads, 3)
         lots = [lot for lot in lots if not water[int(np.clip(lot.cy, 0, n - 1)), int(np.clip(lot.cx, 0, n - 1))]]
+    return _Plan(style, theta, roads, roads_a, lots, zone, water)
+
+
+def _look(rng: np.random.Generator, n: int, style: _Style) -> _Look:
+    """Draw the ground's textures and colours, and the sun and season of each date."""
     soil = smooth_noise(rng, n, 3) > float(special.ndtri(1 - style.soil))
     tone, mid = np.clip(smooth_noise(rng, n, 6), -2, 2)[..., None], smooth_noise(rng, n, 18)[..., None]
     fine = ndimage.gaussian_filter(rng.standard_normal((n, n), dtype=np.float32), 0.7) * 2.4
@@ -275,44 +362,61 @@ def draw_pair(rng: np.random.Generator, size: int, change_density: float) -> Sce
     soil_col = _rgb(160, 152, 136) * rng.uniform(0.85, 1.1) + rng.normal(0, 5, 3).astype(np.float32)
     texture = 1 + 0.07 * mid + 0.06 * fine[..., None]
     lift, tint = 1 + 0.08 * tone, _rgb(-6, 4, -2) * tone  # the same on both dates
-    bare_ground = soil_col * stripes * texture
+    return _Look(soil, mid, fine, texture, lift, tint, soil_col * stripes * texture, grass_tint, suns, seasons)
+
+
+def _paint(rng: np.random.Generator, scene: _Scene, date: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Date ``date`` (0: A, 1: B) on the canvas, before the camera: RGB (float), true cover and shadows."""
+    plan, look, crowns = scene.plan, scene.look, scene.crowns
+    water, mid, fine = plan.water, look.mid, look.fine
+    ids, roofs, shadow, paved = scene.drawn[date]
+    season, road_mask = look.seasons[date], plan.roads if date else plan.roads_a
+    bare = look.soil | (scene.demolished if date else plan.zone)
+    grass = _rgb(72, 90, 56) * (1 - season) + _rgb(146, 136, 98) * season + look.grass_tint
+    image = (grass * look.lift + look.tint) * look.texture
+    np.copyto(image, look.bare_ground, where=bare[..., None])
+    image[water] = _rgb(42, 64, 72) * (1 + 0.05 * mid[water])
+    concrete = paved & ~road_mask
+    if not plan.style.large:  # sidewalks
+        concrete |= grow(road_mask, 2) & ~road_mask
+    image[concrete] = _rgb(186, 184, 178) * (1 + 0.03 * fine[concrete, None])
+    image[road_mask] = rng.uniform(85, 140) * (1 + 0.04 * fine[road_mask, None] + 0.04 * mid[road_mask])
+    leaf = _rgb(40, 62, 36) * (1 - season**2) + _rgb(92, 86, 66) * season**2
+    image[crowns] = leaf * (0.65 + 0.55 * scene.blob[crowns, None]) * (1 + 0.12 * fine[crowns, None])
+    drop = (round(3 * math.sin(look.suns[date])), round(3 * math.cos(look.suns[date])))
+    dark = (shadow | np.roll(crowns, drop, (0, 1)) & ~crowns) & (ids == 0)
+    np.multiply(image, _rgb(0.46, 0.48, 0.56), out=image, where=dark[..., None])
+    np.copyto(image, roofs, where=(ids > 0)[..., None])
+    paint_cars(rng, image, road_mask | concrete, plan.theta)
+    cover = np.full(ids.shape, GRASS, np.uint8)
+    cover[bare | concrete] = SOIL
+    cover[road_mask], cover[water], cover[crowns & (ids == 0)] = ROAD, WATER, TREE
+    cover[ids > 0] = BUILDING if plan.style.large else HOUSE
+    return image, cover, dark
+
+
+def draw_pair(rng: np.random.Generator, size: int, change_density: float) -> ScenePair:
+    """Draw one bi-temporal pair of ``size`` x ``size``; ``change_density`` is the share of pairs with change."""
+    n = size + 2 * PAD
+    plan = _plan(rng, n, change_density)
+    look = _look(rng, n, plan.style)
+    lots, roads, water = plan.lots, plan.roads, plan.water
     frames = [_lot_frame(lot, n) for lot in lots]
-    drawn = _footprints(lots, frames, n, [(math.sin(sun), math.cos(sun)) for sun in suns], fine)
+    drawn = _footprints(lots, frames, n, [(math.sin(sun), math.cos(sun)) for sun in look.suns], look.fine)
     built = (drawn[0][0] > 0) | drawn[0][3] | (drawn[1][0] > 0) | drawn[1][3]
-    free = ~(grow(built, 3) | roads | water | zone)
-    crowns, blob = tree_crowns(rng, n, int(rng.integers(*style.trees)), free, grow(built, 1) | water)
+    free = ~(grow(built, 3) | roads | water | plan.zone)
+    crowns, blob = tree_crowns(rng, n, int(rng.integers(*plan.style.trees)), free, grow(built, 1) | water)
     changed = [i + 1 for i, lot in enumerate(lots) if lot.in_a != lot.in_b]
     demolished = grow(np.isin(drawn[0][0], changed), 2) & ~roads
     dy, dx = (int(v) for v in rng.integers(-3, 4, 2))
     offsets = [(PAD, PAD), (PAD + dy, PAD + dx + (1 if dy == dx == 0 else 0))]
+    scene = _Scene(plan, look, drawn, crowns, blob, demolished)
     views = []
     for date in (0, 1):
-        ids, roofs, shadow, paved = drawn[date]
-        season, road_mask = seasons[date], roads if date else roads_a
-        bare = soil | (demolished if date else zone)
-        grass = _rgb(72, 90, 56) * (1 - season) + _rgb(146, 136, 98) * season + grass_tint
-        image = (grass * lift + tint) * texture
-        np.copyto(image, bare_ground, where=bare[..., None])
-        image[water] = _rgb(42, 64, 72) * (1 + 0.05 * mid[water])
-        concrete = paved & ~road_mask
-        if not style.large:  # sidewalks
-            concrete |= grow(road_mask, 2) & ~road_mask
-        image[concrete] = _rgb(186, 184, 178) * (1 + 0.03 * fine[concrete, None])
-        image[road_mask] = rng.uniform(85, 140) * (1 + 0.04 * fine[road_mask, None] + 0.04 * mid[road_mask])
-        leaf = _rgb(40, 62, 36) * (1 - season**2) + _rgb(92, 86, 66) * season**2
-        image[crowns] = leaf * (0.65 + 0.55 * blob[crowns, None]) * (1 + 0.12 * fine[crowns, None])
-        drop = (round(3 * math.sin(suns[date])), round(3 * math.cos(suns[date])))
-        dark = (shadow | np.roll(crowns, drop, (0, 1)) & ~crowns) & (ids == 0)
-        np.multiply(image, _rgb(0.46, 0.48, 0.56), out=image, where=dark[..., None])
-        np.copyto(image, roofs, where=(ids > 0)[..., None])
-        paint_cars(rng, image, road_mask | concrete, theta)
-        cover = np.full((n, n), GRASS, np.uint8)
-        cover[bare | concrete] = SOIL
-        cover[road_mask], cover[water], cover[crowns & (ids == 0)] = ROAD, WATER, TREE
-        cover[ids > 0] = BUILDING if style.large else HOUSE
+        image, cover, dark = _paint(rng, scene, date)
         y0, x0 = offsets[date]
         crop = (slice(y0, y0 + size), slice(x0, x0 + size))
-        views.append(DateView(camera(rng, image[crop]), cover[crop], ids[crop], dark[crop]))
+        views.append(DateView(camera(rng, image[crop]), cover[crop], drawn[date][0][crop], dark[crop]))
     label = np.isin(drawn[1][0], changed) | np.isin(drawn[0][0], changed)
     y0, x0 = offsets[1]
     label = label[y0 : y0 + size, x0 : x0 + size].astype(np.uint8) * 255
