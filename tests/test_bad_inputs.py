@@ -13,7 +13,7 @@ import tyro
 from conftest import write_pair, write_training_set
 from PIL import Image
 
-from diffmatch import ceg, evaluate, predict, prepare, train
+from diffmatch import evaluate, predict, prepare, pseudo, train
 from diffmatch.cli import run_cli
 from diffmatch.config import DataConfig, ModelConfig, TrainArgs
 from diffmatch.images import read_rgb
@@ -21,7 +21,7 @@ from diffmatch.lab import bench, demo, pretrain, synthetic
 
 COMMANDS: dict[str, tuple[object, Callable]] = {
     "train": (TrainArgs, train.train), "evaluate": (evaluate.Args, evaluate.main),
-    "predict": (predict.Args, predict.main), "prepare": (prepare.Args, prepare.main), "ceg": (ceg.Args, ceg.main),
+    "predict": (predict.Args, predict.main), "prepare": (prepare.Args, prepare.main), "ceg": (pseudo.Args, pseudo.main),
     "bench": (bench.Args, bench.main), "demo": (demo.Args, demo.main), "synthetic": (synthetic.Args, synthetic.main),
     "pretrain": (pretrain.Args, pretrain.pretrain),
 }

@@ -14,15 +14,11 @@ from conftest import DATA
 from PIL import Image
 
 from diffmatch.ceg import (
-    LEVELS,
-    Args,
     CEGResult,
     concept_probs,
     generate,
     instance_change,
     instance_iou,
-    level_confusions,
-    main,
     mixed_change,
     pixel_change,
     reliable,
@@ -32,6 +28,7 @@ from diffmatch.ceg import (
 from diffmatch.cli import InputError
 from diffmatch.config import CEGConfig
 from diffmatch.metrics import confusion
+from diffmatch.pseudo import LEVELS, Args, level_confusions, main
 from diffmatch.rle import Runs, encode_mask, runs_of_masks
 from diffmatch.vlm import VLMOutput, concepts
 

@@ -23,7 +23,8 @@ NEEDS = {
     "sampling": set(),
     "data": {"atomic", "augment", "cli", "config", "images", "pairs", "sampling"},
     "vlm": {"cli", "config", "rle"},
-    "ceg": {"atomic", "cli", "config", "images", "metrics", "pairs", "png", "rle", "vlm"},
+    "ceg": {"cli", "config", "rle", "vlm"},
+    "pseudo": {"atomic", "ceg", "cli", "config", "images", "metrics", "pairs", "png", "rle", "vlm"},
     "encoder": {"cli", "config"},
     "decoders": set(),
     "model": {"cli", "config", "decoders", "encoder"},
@@ -61,11 +62,19 @@ def is_module(name: str) -> bool:
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
+def skipped(test: ast.expr) -> bool:
+    """``TYPE_CHECKING`` (types only) or ``__name__ == "__main__"`` (run as a script, a module is ``__main__``,
+    so what its main block imports cannot import it back)."""
+    if getattr(test, "id", None) == "TYPE_CHECKING":
+        return True
+    return (isinstance(test, ast.Compare) and getattr(test.left, "id", None) == "__name__"
+            and getattr(test.comparators[0], "value", None) == "__main__")
+
+
 def imports(path: Path) -> set[str]:
-    """The diffmatch modules a file imports at run time (``if TYPE_CHECKING:`` blocks left out)."""
+    """The diffmatch modules a file imports at run time (``if TYPE_CHECKING:`` and main blocks left out)."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(inner) for node in ast.walk(tree)
-                   if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+    typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and skipped(node.test)
                    for stmt in node.body for inner in ast.walk(stmt)}
     found: set[str] = set()
     for node in ast.walk(tree):

@@ -152,8 +152,8 @@ def _args(root: Path, models: dict[str, Path], **kw: object):
 
 @needs_transformers
 def test_semantic_files_are_ceg_input(root: Path, models: dict[str, Path]) -> None:
-    from diffmatch.ceg import Args as CEGArgs
-    from diffmatch.ceg import main as ceg
+    from diffmatch.pseudo import Args as CEGArgs
+    from diffmatch.pseudo import main as ceg
     from diffmatch.vlm import read_vlm
     from diffmatch.vlm_run import main
 
@@ -219,8 +219,8 @@ def test_channels_follow_the_class_order(root: Path, tmp_path: Path, models: dic
 def test_instance_json_round_trips_through_the_readers(root: Path, models: dict[str, Path]) -> None:
     from torchvision.ops import box_iou
 
-    from diffmatch.ceg import Args as CEGArgs
-    from diffmatch.ceg import main as ceg
+    from diffmatch.pseudo import Args as CEGArgs
+    from diffmatch.pseudo import main as ceg
     from diffmatch.rle import decode_mask
     from diffmatch.vlm import read_instances, read_vlm
     from diffmatch.vlm_run import main

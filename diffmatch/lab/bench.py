@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from diffmatch import ceg, vlm
+from diffmatch import ceg, pseudo, vlm
 from diffmatch.atomic import write_json
 from diffmatch.cli import InputError
 from diffmatch.config import AugmentConfig, Backbone, CEGConfig, LossConfig, Method, ModelConfig, OptimConfig, to_dict
@@ -153,7 +153,7 @@ def run_ceg(root: Path, workers: int, overwrite: bool = True) -> float:
     """Seconds of ``python -m diffmatch.ceg --root ROOT --out-name pseudo_bench --workers N``, printout dropped."""
     start = time.perf_counter()
     with open(os.devnull, "w") as null, redirect_stdout(null):
-        ceg.main(ceg.Args(root=root, out_name=PSEUDO, workers=workers, overwrite=overwrite))
+        pseudo.main(pseudo.Args(root=root, out_name=PSEUDO, workers=workers, overwrite=overwrite))
     return time.perf_counter() - start
 
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from scipy import stats
 
-from diffmatch import ceg
+from diffmatch import pseudo
 from diffmatch.config import Backbone, DataConfig, LossConfig, Method, ModelConfig, Stabilisers, TrainArgs
 from diffmatch.lab import pretrain, synthetic
 from diffmatch.train import train
@@ -106,7 +106,7 @@ def prepare_data(root: Path, regime: Regime, *, seed: int = 0, workers: int = 1)
 def prepare_labels(root: Path, *, workers: int = 1) -> None:
     """CEG labels (``pseudo/``) of the training split, where they are missing."""
     with contextlib.redirect_stdout(io.StringIO()):
-        ceg.main(ceg.Args(root=root, split="train" if (root / "list" / "train.txt").is_file() else None,
+        pseudo.main(pseudo.Args(root=root, split="train" if (root / "list" / "train.txt").is_file() else None,
                                   workers=workers))
 
 

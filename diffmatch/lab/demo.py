@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from diffmatch import ceg
+from diffmatch import pseudo
 from diffmatch.atomic import write_json
 from diffmatch.cli import InputError
 from diffmatch.lab import comparison
@@ -69,7 +69,7 @@ def run(args: Args, regime: Regime, root: Path) -> dict:
     comparison.prepare_data(data, regime, workers=args.workers)
     print("[2/3] change event generation (CEG) from the simulated VLM outputs", flush=True)
     with contextlib.redirect_stdout(io.StringIO()):
-        table = ceg.main(ceg.Args(root=data, split="test", out_name="pseudo_test", workers=args.workers))
+        table = pseudo.main(pseudo.Args(root=data, split="test", out_name="pseudo_test", workers=args.workers))
     print(f"[3/3] pretraining an encoder ({regime.pretrain_iters} iterations), then supervised, fixmatch and "
           f"diffmatch for {regime.iters} iterations each ({regime.backbone}); progress on stderr", flush=True)
     launch = comparison.Launch(data, root / "runs", device=args.device, jobs=args.jobs)
