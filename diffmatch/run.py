@@ -22,7 +22,7 @@ from diffmatch.board import Board, MapGrid
 from diffmatch.checkpoint import RunState, load_checkpoint, load_state, restore
 from diffmatch.checks import check_training_data
 from diffmatch.cli import InputError
-from diffmatch.config import TrainArgs, from_dict, to_dict
+from diffmatch.config import Method, TrainArgs, from_dict, to_dict
 from diffmatch.data import (
     EvalSet,
     LabeledSet,
@@ -168,6 +168,13 @@ def make_loaders(args: TrainArgs, split: SemiSplit, rank: int, world: int, pin_m
     u = UnlabeledSet(u_root, unlabeled, views=views, seed=args.seed + 1)
     u2 = UnlabeledSet(u_root, unlabeled, views=views, seed=args.seed + 2)
     return Loaders(loader(x, 0), loader(u, 1), loader(u2, 2))
+
+
+def iterations_per_epoch(method: Method, split: SemiSplit, batch_size: int, world: int = 1) -> int:
+    """Full batches per process in one epoch of ``make_loaders``: a pass over the unlabelled set (over the
+    labelled set for ``supervised``), each process's shard cut to whole batches."""
+    pairs = len(split.labeled) if method == "supervised" else len(split.unlabeled)
+    return pairs // world // batch_size
 
 
 def pseudo_dir_of(args: TrainArgs) -> str | None:

@@ -104,14 +104,19 @@ def test_bench_methods_prints_one_line_per_method(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["supervised", "fixmatch", "diffmatch"])
 def test_every_method_gets_the_regime_s_iterations(tmp_path: Path, method: str) -> None:
-    args = run_args(Launch(tmp_path / "data", tmp_path / "runs"), method, 3, Regime(iters=400, batch_size=8), "none")
-    assert args.max_iters == 400  # the run stops at max_iters, not earlier:
-    assert args.epochs == 400  # an epoch has at least one iteration
+    (tmp_path / "data" / "list").mkdir(parents=True)
+    (tmp_path / "data" / "list" / "train.txt").write_text("".join(f"p{i}\n" for i in range(1000)))
+    regime = Regime(iters=400, batch_size=8, label_ratio=0.05)
+    args = run_args(Launch(tmp_path / "data", tmp_path / "runs"), method, 3, regime, "none")
+    per_epoch = 50 // 8 if method == "supervised" else 950 // 8  # 50 labelled, 950 unlabelled pairs
+    assert args.max_iters == 400 and args.epochs == -(-400 // per_epoch)  # enough epochs; max_iters stops it
     assert args.out_dir == tmp_path / "runs" / f"{method}-seed3" and args.seed == 3
     assert args.data.root == tmp_path / "data"
 
 
 def test_regime_and_launch_settings_reach_the_run(tmp_path: Path) -> None:
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "train.txt").write_text("".join(f"p{i}\n" for i in range(100)))
     regime = Regime(dual_head=False, loss=replace(Regime().loss, contrastive=False))
     launch = Launch(tmp_path, tmp_path / "runs", device="cpu", workers=2)
     args = run_args(launch, "diffmatch", 0, regime, "enc.pt")

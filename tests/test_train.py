@@ -21,9 +21,9 @@ from diffmatch import train as train_module
 from diffmatch.checkpoint import RunState, load_checkpoint
 from diffmatch.cli import InputError
 from diffmatch.config import DataConfig, LossConfig, ModelConfig, Stabilisers, TrainArgs, to_dict
-from diffmatch.data import LabeledSample, UnlabeledSample
+from diffmatch.data import LabeledSample, UnlabeledSample, semi_split
 from diffmatch.model import build_model
-from diffmatch.run import check_same_run
+from diffmatch.run import check_same_run, iterations_per_epoch, make_loaders
 from diffmatch.step import (
     Batches,
     LearningStatus,
@@ -97,6 +97,18 @@ def test_every_method_evaluates_on_the_same_iteration_schedule(data_root: Path, 
         test = json.loads((out / "test.json").read_text())
         assert test["last"].keys() >= {"iou", "f1", "precision", "recall", "accuracy"}
         assert test.keys() >= {"iou", "f1", "checkpoint", "pairs"}
+
+
+@pytest.mark.parametrize(("method", "world", "batch_size"),
+                         [("supervised", 1, 2), ("fixmatch", 1, 3), ("diffmatch", 2, 2), ("diffmatch", 3, 1)])
+def test_iterations_per_epoch_is_the_length_of_the_labelled_loader(data_root: Path, tmp_path: Path, method: str,
+                                                                   world: int, batch_size: int) -> None:
+    args = tiny_args(data_root, tmp_path, method=method, batch_size=batch_size, label_ratio=0.3)
+    split = semi_split(args.data, args.label_ratio, args.seed)  # 3 labelled, 7 unlabelled pairs
+    for rank in range(world):
+        loaders = make_loaders(args, split, rank, world)
+        assert len(loaders.x) == len(list(loaders.x.sampler)) // batch_size
+        assert len(loaders.x) == iterations_per_epoch(method, split, batch_size, world), rank
 
 
 def test_warmup_holds_back_only_the_pseudo_label_terms(data_root: Path, tmp_path: Path) -> None:

@@ -22,7 +22,9 @@ from scipy import stats
 
 from diffmatch import pseudo
 from diffmatch.config import Backbone, DataConfig, LossConfig, Method, ModelConfig, Stabilisers, TrainArgs
+from diffmatch.data import semi_split
 from diffmatch.lab import pretrain, synthetic
+from diffmatch.run import iterations_per_epoch
 from diffmatch.train import train
 
 METHODS: tuple[Method, ...] = ("supervised", "fixmatch", "diffmatch")
@@ -133,12 +135,15 @@ def encoder_weights(path: Path, regime: Regime) -> str:
 
 
 def run_args(launch: Launch, method: Method, seed: int, regime: Regime, weights: str) -> TrainArgs:
-    """The ``train`` settings of one method and seed under ``regime``, writing to
-    ``<runs>/<method>-seed<seed>``, from the encoder ``weights``. ``epochs`` is only an upper bound (an epoch
-    has at least one iteration): ``max_iters`` ends every run after ``regime.iters`` iterations."""
+    """The ``train`` settings of one method and seed under ``regime`` on the data set at ``launch.root``,
+    writing to ``<runs>/<method>-seed<seed>``, from the encoder ``weights``: the epochs that hold
+    ``regime.iters`` iterations, where ``max_iters`` ends the run."""
+    data = DataConfig(root=launch.root, crop_size=regime.crop)
+    split = semi_split(data, regime.label_ratio, seed)
+    per_epoch = max(iterations_per_epoch(method, split, regime.batch_size), 1)
     return TrainArgs(
-        data=DataConfig(root=launch.root, crop_size=regime.crop), label_ratio=regime.label_ratio, method=method,
-        epochs=regime.iters, batch_size=regime.batch_size,
+        data=data, label_ratio=regime.label_ratio, method=method, epochs=-(-regime.iters // per_epoch),
+        batch_size=regime.batch_size,
         model=ModelConfig(backbone=regime.backbone, weights=weights, decoder_channels=regime.decoder_channels,
                           dual_head=regime.dual_head),
         loss=regime.loss, out_dir=launch.runs / f"{method}-seed{seed}", seed=seed, num_workers=launch.workers,
