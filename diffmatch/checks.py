@@ -20,8 +20,9 @@ from PIL import Image
 
 from diffmatch.cli import InputError, Progress
 from diffmatch.config import DataConfig
-from diffmatch.data import LABEL_FLAG, SemiSplit, eval_ids, image_path, pseudo_hint
+from diffmatch.data import LABEL_FLAG, image_path, pseudo_hint
 from diffmatch.images import read_label
+from diffmatch.subsets import SemiSplit, eval_ids
 
 SHOWN = 5
 """Problems printed one per line; the rest are counted."""

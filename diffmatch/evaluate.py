@@ -30,11 +30,12 @@ from diffmatch.augment import MEAN, STD
 from diffmatch.checkpoint import model_from_checkpoint
 from diffmatch.cli import InputError, Progress
 from diffmatch.config import DataConfig
-from diffmatch.data import EvalSet, eval_set, leak_warning
+from diffmatch.data import EvalSet, eval_set
 from diffmatch.device import autocast, pick_device
 from diffmatch.metrics import Confusion, confusion, format_scores, scores
 from diffmatch.pairs import read_id_list
 from diffmatch.png import write_png
+from diffmatch.subsets import leak_warning
 
 
 # ----------------------------------------------------------------------------- sliding windows

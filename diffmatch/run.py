@@ -23,18 +23,7 @@ from diffmatch.checkpoint import RunState, load_checkpoint, load_state, restore
 from diffmatch.checks import check_training_data
 from diffmatch.cli import InputError
 from diffmatch.config import Method, TrainArgs, from_dict, to_dict
-from diffmatch.data import (
-    EvalSet,
-    LabeledSet,
-    SemiSplit,
-    UnlabeledSet,
-    ViewOptions,
-    eval_ids,
-    eval_set,
-    leak_warning,
-    repeat_to,
-    semi_split,
-)
+from diffmatch.data import EvalSet, LabeledSet, UnlabeledSet, ViewOptions, eval_set
 from diffmatch.device import setup_distributed, use_bf16
 from diffmatch.evaluate import Windows, evaluate_model
 from diffmatch.metrics import format_scores
@@ -46,6 +35,7 @@ from diffmatch.step import (
     StepSetup,
     uses_every_parameter,
 )
+from diffmatch.subsets import SemiSplit, eval_ids, leak_warning, repeat_to, semi_split
 
 
 @dataclass

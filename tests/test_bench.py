@@ -16,12 +16,12 @@ import torch
 
 from diffmatch.cli import InputError
 from diffmatch.config import ModelConfig
-from diffmatch.lab import bench, synthetic
+from diffmatch.lab import bench, speed, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(backbone="resnet18", decoder_channels=16)
 CPU = torch.device("cpu")
-SMALL = bench.Settings(crop=32, batch_size=2, device=CPU, warmup=1, iters=2)  # tiny crops and batches, few iterations
+SMALL = speed.Settings(crop=32, batch_size=2, device=CPU, warmup=1, iters=2)  # tiny crops and batches, few iterations
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +65,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], dic
     """Six synthetic 64 px pairs, with the CEG benchmark run on them (it writes the labels the others read)."""
     root = tmp_path_factory.mktemp("bench") / "synthetic"
     synthetic.generate(synthetic.Args(out=root, num_pairs=6, size=64), verbose=False)
-    return root, [synthetic.pair_id(i) for i in range(6)], bench.bench_ceg(root, workers=(1, 2))
+    return root, [synthetic.pair_id(i) for i in range(6)], speed.bench_ceg(root, workers=(1, 2))
 
 
 def test_ceg(data: tuple[Path, list[str], dict]) -> None:
@@ -73,13 +73,13 @@ def test_ceg(data: tuple[Path, list[str], dict]) -> None:
     assert_positive_finite(result)
     assert result["pairs"] == 6 and set(result["run_pairs_per_s"]) == set(result["run_vs_read"]) == {"1", "2"}
     for folder in ("change", "A", "B"):
-        assert sorted(p.stem for p in (root / bench.PSEUDO / folder).glob("*.png")) == ids
+        assert sorted(p.stem for p in (root / speed.PSEUDO / folder).glob("*.png")) == ids
 
 
 def test_ceg_figures_on_a_fake_clock(data: tuple[Path, list[str], dict], monkeypatch: pytest.MonkeyPatch) -> None:
     # Readings: read start, read end | compute start, compute end | run 1 start, end | run 2 start, end.
-    fake_clock(monkeypatch, bench.time, "perf_counter", [10, 99, 20, 99, 30, 99, 40, 99])
-    result = bench.bench_ceg(data[0], workers=(1, 2))
+    fake_clock(monkeypatch, speed.time, "perf_counter", [10, 99, 20, 99, 30, 99, 40, 99])
+    result = speed.bench_ceg(data[0], workers=(1, 2))
     assert result == {"pairs": 6, "read_pairs_per_s": pytest.approx(600), "compute_pairs_per_s": pytest.approx(300),
                       "run_pairs_per_s": {"1": pytest.approx(200), "2": pytest.approx(150)},
                       "run_vs_read": {"1": pytest.approx(3), "2": pytest.approx(4)}}
@@ -87,8 +87,8 @@ def test_ceg_figures_on_a_fake_clock(data: tuple[Path, list[str], dict], monkeyp
 
 def test_pipeline(data: tuple[Path, list[str], dict], monkeypatch: pytest.MonkeyPatch) -> None:
     root, ids, _ = data
-    fake_clock(monkeypatch, bench.time, "perf_counter", [20, 99, 50, 99])  # 0 workers: 20 ms, 2 workers: 50 ms
-    result = bench.bench_pipeline(root, ids, SMALL, workers=(0, 2), samples=4)
+    fake_clock(monkeypatch, speed.time, "perf_counter", [20, 99, 50, 99])  # 0 workers: 20 ms, 2 workers: 50 ms
+    result = speed.bench_pipeline(root, ids, SMALL, workers=(0, 2), samples=4)
     assert result == {"samples": 4, "samples_per_s": {"0": pytest.approx(200), "2": pytest.approx(80)},
                       "per_worker": {"0": pytest.approx(200), "2": pytest.approx(40)}}
 
@@ -96,7 +96,7 @@ def test_pipeline(data: tuple[Path, list[str], dict], monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("method", ["diffmatch", "fixmatch", "supervised"])
 def test_train(data: tuple[Path, list[str], dict], method: str) -> None:
     root, ids, _ = data
-    result = bench.bench_train(root, ids, method, TINY, SMALL)
+    result = speed.bench_train(root, ids, method, TINY, SMALL)
     assert_positive_finite({k: v for k, v in result.items() if k not in ("method", "peak_memory_kind")})
     assert result["method"] == method and result["peak_memory_kind"]
     assert list(result["ms"]) == ["data", "forward", "backward", "step", "iteration"]
@@ -106,8 +106,8 @@ def test_train_figures_on_a_fake_clock(data: tuple[Path, list[str], dict], monke
     root, ids, _ = data
     # Five readings an iteration: data 1 ms, forward 2, backward 3, step 4, then 10 ms to the next one.
     # The bare passes that follow take two readings each: 1, 3 and 10 ms (the first is the warm-up).
-    fake_clock(monkeypatch, bench, "tick", [1, 2, 3, 4, 10])
-    result = bench.bench_train(root, ids, "fixmatch", TINY, SMALL)
+    fake_clock(monkeypatch, speed, "tick", [1, 2, 3, 4, 10])
+    result = speed.bench_train(root, ids, "fixmatch", TINY, SMALL)
     phases = {"data": 1, "forward": 2, "backward": 3, "step": 4, "iteration": 10}
     assert result["ms"] == {k: pytest.approx({"median": v, "min": v}) for k, v in phases.items()}
     assert result["bare_ms"] == {"median": pytest.approx(6.5), "min": pytest.approx(3)}
@@ -115,19 +115,19 @@ def test_train_figures_on_a_fake_clock(data: tuple[Path, list[str], dict], monke
 
 
 def test_inference(monkeypatch: pytest.MonkeyPatch) -> None:
-    result = bench.bench_inference(TINY, SMALL)
+    result = speed.bench_inference(TINY, SMALL)
     assert_positive_finite(result)
-    fake_clock(monkeypatch, bench, "tick", [1, 4, 2])  # calls of 1 (warm-up), 2 and 4 ms
-    result = bench.bench_inference(TINY, SMALL)
+    fake_clock(monkeypatch, speed, "tick", [1, 4, 2])  # calls of 1 (warm-up), 2 and 4 ms
+    result = speed.bench_inference(TINY, SMALL)
     assert result == {"batch_size": 2, "crop": 32, "ms": {"median": pytest.approx(3), "min": pytest.approx(2)},
                       "pairs_per_s": pytest.approx(2 / 0.003)}
 
 
 def test_durations_drops_the_warmup_calls() -> None:
     calls = []
-    times = bench.durations(lambda: calls.append(1), warmup=2, iters=3, device=CPU, amp=False)
+    times = speed.durations(lambda: calls.append(1), warmup=2, iters=3, device=CPU, amp=False)
     assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
-    assert bench.ms([0.003, 0.001, 0.002]) == pytest.approx({"median": 2.0, "min": 1.0})
+    assert speed.ms([0.003, 0.001, 0.002]) == pytest.approx({"median": 2.0, "min": 1.0})
 
 
 def test_format_table_by_hand() -> None:
@@ -169,7 +169,7 @@ def test_main_writes_json_and_table(data: tuple[Path, list[str], dict], tmp_path
 
 def test_main_writes_missing_labels_before_the_data_part(data: tuple[Path, list[str], dict], tmp_path: Path) -> None:
     root, ids, _ = data
-    label = root / bench.PSEUDO / "change" / f"{ids[0]}.png"
+    label = root / speed.PSEUDO / "change" / f"{ids[0]}.png"
     label.unlink()
     report = bench.main(small_args(root, tmp_path / "bench.json", parts=("data",)))
     assert list(report["results"]) == ["data"] and label.is_file()

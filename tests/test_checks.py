@@ -19,7 +19,7 @@ from diffmatch import train as train_module
 from diffmatch.checks import Need, check_data, check_eval_data, check_training_data, image_header
 from diffmatch.cli import InputError
 from diffmatch.config import DataConfig, ModelConfig, TrainArgs
-from diffmatch.data import SemiSplit
+from diffmatch.subsets import SemiSplit
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = [f"p{i}" for i in range(8)]

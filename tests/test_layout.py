@@ -21,7 +21,8 @@ NEEDS = {
     "rle": set(),
     "augment": {"config"},
     "sampling": set(),
-    "data": {"atomic", "augment", "cli", "config", "images", "pairs", "sampling"},
+    "subsets": {"atomic", "cli", "config", "images", "pairs"},
+    "data": {"atomic", "augment", "cli", "config", "images", "pairs", "sampling", "subsets"},
     "vlm": {"cli", "config", "rle"},
     "ceg": {"cli", "config", "rle", "vlm"},
     "pseudo": {"atomic", "ceg", "cli", "config", "images", "metrics", "pairs", "png", "rle", "vlm"},
@@ -33,20 +34,21 @@ NEEDS = {
     "losses": set(),
     "step": {"config", "losses"},
     "metrics": {"config"},
-    "checks": {"atomic", "augment", "cli", "config", "data", "images", "pairs", "sampling"},
+    "checks": {"atomic", "augment", "cli", "config", "data", "images", "pairs", "sampling", "subsets"},
     "evaluate": {"atomic", "augment", "checkpoint", "checks", "cli", "config", "data", "decoders", "device", "encoder",
-                 "images", "metrics", "model", "pairs", "png", "sampling"},
+                 "images", "metrics", "model", "pairs", "png", "sampling", "subsets"},
     "board": {"atomic", "augment", "checkpoint", "checks", "cli", "config", "data", "decoders", "device", "encoder",
-              "evaluate", "images", "metrics", "model", "pairs", "png", "sampling"},
+              "evaluate", "images", "metrics", "model", "pairs", "png", "sampling", "subsets"},
     "run": {"atomic", "augment", "board", "checkpoint", "checks", "cli", "config", "data", "decoders", "device",
-            "encoder", "evaluate", "images", "losses", "metrics", "model", "pairs", "png", "sampling", "step"},
+            "encoder", "evaluate", "images", "losses", "metrics", "model", "pairs", "png", "sampling", "step",
+            "subsets"},
     "train": {"atomic", "augment", "board", "checkpoint", "checks", "cli", "config", "data", "decoders", "device",
               "encoder", "evaluate", "images", "losses", "metrics", "model", "pairs", "png", "run", "sampling",
-              "step"},
+              "step", "subsets"},
 }
 """Core module -> the modules it needs at run time (directly or through them), as in the README's module map."""
 
-TOOLS = {"predict", "geotiff", "prepare", "vlm_run", "vlm_models"}
+TOOLS = {"predict", "geotiff", "prepare", "tiles", "vlm_run", "vlm_models"}
 """Commands around the method: new pairs, data preparation, VLM outputs from open models."""
 LAB_COMMANDS = {"bench", "demo", "pretrain", "synthetic"}
 """One-line entry modules that keep the lab's commands (``python -m diffmatch.bench``, ...) at the top."""

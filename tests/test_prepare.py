@@ -11,10 +11,10 @@ import pytest
 from conftest import DATA, write_pair
 from PIL import Image
 
-from diffmatch import prepare
+from diffmatch import tiles
 from diffmatch.cli import InputError
-from diffmatch.data import PUBLIC_SPLITS, leak_warning
 from diffmatch.prepare import FolderArgs, LevirArgs, WhuArgs, main, split_sizes
+from diffmatch.subsets import PUBLIC_SPLITS, leak_warning
 
 SAMPLES = DATA / "levir-samples"
 SCENES = {"train": ["train_100", "train_2"], "val": ["val_10"], "test": ["test_100"]}
@@ -52,8 +52,8 @@ def read(path: Path) -> np.ndarray:
 
 def count_writes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     written: list[Path] = []
-    real = prepare.write_png
-    monkeypatch.setattr(prepare, "write_png", lambda path, array: (written.append(path), real(path, array)))
+    real = tiles.write_png
+    monkeypatch.setattr(tiles, "write_png", lambda path, array: (written.append(path), real(path, array)))
     return written
 
 

@@ -21,7 +21,7 @@ from diffmatch import train as train_module
 from diffmatch.checkpoint import RunState, load_checkpoint
 from diffmatch.cli import InputError
 from diffmatch.config import DataConfig, LossConfig, ModelConfig, Stabilisers, TrainArgs, to_dict
-from diffmatch.data import LabeledSample, UnlabeledSample, semi_split
+from diffmatch.data import LabeledSample, UnlabeledSample
 from diffmatch.model import build_model
 from diffmatch.run import check_same_run, iterations_per_epoch, make_loaders
 from diffmatch.step import (
@@ -33,6 +33,7 @@ from diffmatch.step import (
     ema_update,
     uses_every_parameter,
 )
+from diffmatch.subsets import semi_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

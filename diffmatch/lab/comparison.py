@@ -22,9 +22,9 @@ from scipy import stats
 
 from diffmatch import pseudo
 from diffmatch.config import Backbone, DataConfig, LossConfig, Method, ModelConfig, Stabilisers, TrainArgs
-from diffmatch.data import semi_split
 from diffmatch.lab import pretrain, synthetic
 from diffmatch.run import iterations_per_epoch
+from diffmatch.subsets import semi_split
 from diffmatch.train import train
 
 METHODS: tuple[Method, ...] = ("supervised", "fixmatch", "diffmatch")
