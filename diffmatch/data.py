@@ -9,6 +9,7 @@ ROOT/pseudo/change/<id>.png  ROOT/pseudo/A/<id>.png  ROOT/pseudo/B/<id>.png    (
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -16,13 +17,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from diffmatch import augment
 from diffmatch.cli import InputError
 from diffmatch.config import IGNORE, AugmentConfig, DataConfig
 from diffmatch.images import IMAGE_EXTS, read_label, read_mask, read_rgb
-from diffmatch.sampling import sample_rng
 from diffmatch.subsets import eval_ids
 
 LABEL_FLAG = "--data.label-threshold"
@@ -38,6 +38,24 @@ def image_path(root: Path, folder: str, sample_id: str) -> Path:
             if (alt := path.with_suffix(ext)).exists():
                 return alt
     return path
+
+
+# ----------------------------------------------------------------------------- random streams
+# A training set's key ``epoch * len(dataset) + index`` names sample ``index`` as drawn in ``epoch``;
+# ``EpochSampler`` hands out such keys, and ``sample_rng`` is the stream a key's sample draws from: the
+# same in any DataLoader worker.
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one sample: the same in any worker process."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` whose keys carry the epoch, ``epoch * len(dataset) + index``: the training
+    sets draw new augmentations every epoch, also in DataLoader workers that live across epochs."""
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * len(self.dataset)
+        return (offset + index for index in super().__iter__())
 
 
 def require_files(root: Path, ids: list[str], folders: tuple[str, ...], hint: str) -> None:
@@ -137,7 +155,7 @@ class ViewOptions(NamedTuple):
 
 class _PairSet(Dataset):
     """Shared part of the training sets: ids, pseudo labels, per-sample random streams. A key
-    ``epoch * len(self) + index`` gives sample ``index`` as drawn in ``epoch`` (``sampling.EpochSampler``)."""
+    ``epoch * len(self) + index`` gives sample ``index`` as drawn in ``epoch`` (``EpochSampler``)."""
 
     NEED_LABEL = False
     """Whether every id must have ``label/<id>``."""

@@ -23,13 +23,12 @@ from diffmatch.checkpoint import RunState, load_checkpoint, load_state, restore
 from diffmatch.checks import check_training_data
 from diffmatch.cli import InputError
 from diffmatch.config import Method, TrainArgs, from_dict, to_dict
-from diffmatch.data import EvalSet, LabeledSet, UnlabeledSet, ViewOptions, eval_set
+from diffmatch.data import EpochSampler, EvalSet, LabeledSet, UnlabeledSet, ViewOptions, eval_set
 from diffmatch.device import setup_distributed, use_bf16
 from diffmatch.evaluate import Windows, evaluate_model
 from diffmatch.metrics import format_scores
 from diffmatch.model import build_model, build_optimizer
 from diffmatch.pairs import write_id_list
-from diffmatch.sampling import EpochSampler
 from diffmatch.step import (
     LearningStatus,
     StepSetup,

@@ -11,9 +11,8 @@ from PIL import Image
 
 from diffmatch.cli import InputError
 from diffmatch.config import AugmentConfig, DataConfig
-from diffmatch.data import EvalSet, LabeledSet, UnlabeledSet, ViewOptions, eval_set
+from diffmatch.data import EpochSampler, EvalSet, LabeledSet, UnlabeledSet, ViewOptions, eval_set
 from diffmatch.images import read_label, read_rgb
-from diffmatch.sampling import EpochSampler
 from diffmatch.subsets import PUBLIC_SPLITS, eval_ids, list_ids, percent_name, repeat_to, semi_split, split_folder
 
 LEVIR = DATA / "levir-samples"
