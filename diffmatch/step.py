@@ -256,12 +256,11 @@ def pseudo_labels(weak: Tensor, mix: tuple[Tensor, Tensor], batch: Batches,
     _, u, u2 = batch
     cfg, tau = setup.loss, torch.full((2,), setup.loss.tau)
     conf_u, label_u = confidence(weak) if setup.teacher is None else eval_predictions(setup.teacher, u.a, u.b)
+    label = cutmix(u.box, label_u, mix[1])
     tau_map: Tensor | float = cfg.tau
     if setup.status is not None:  # stabiliser: FlexMatch's class-wise thresholds
         setup.status.update(u.index, conf_u, label_u, u.ignore != IGNORE, cfg.tau)
         tau = setup.status.thresholds(cfg.tau)
-    label = cutmix(u.box, label_u, mix[1])
-    if setup.status is not None:
         tau_map = tau.to(label.device)[label]
     valid = cutmix(u.box, u.ignore, u2.ignore) != IGNORE
     return PseudoLabels(label, cutmix(u.box, conf_u, mix[0]), valid, tau_map), tau
