@@ -251,6 +251,11 @@ class TrainArgs:
     ``pip install -e ".[tensorboard]"``)."""
 
     @property
+    def selection_split(self) -> str:
+        """The split that picks ``best.pt``: ``data.val_split``, or ``data.test_split`` with ``--select-on test``."""
+        return self.data.val_split if self.select_on == "val" else self.data.test_split
+
+    @property
     def model_for_inference(self) -> ModelConfig:
         """The model config without initial weights (a checkpoint supplies them)."""
         return dataclasses.replace(self.model, weights="none")

@@ -82,7 +82,7 @@ def start(args: TrainArgs) -> Run:
         print("note: --amp applies to CUDA only; training in float32")
     split = training_split(args, main)
     loaders = make_loaders(args, split, rank, world, pin_memory=device.type == "cuda")
-    val_set = eval_set(args.data, args.data.val_split if args.select_on == "val" else args.data.test_split)
+    val_set = eval_set(args.data, args.selection_split)
     model, state = build_state(args, device, world, len(split.unlabeled))
     if args.resume:
         saved = load_checkpoint(out / "last.pt", device)
@@ -113,10 +113,9 @@ def training_split(args: TrainArgs, main: bool) -> SemiSplit:
             if warning := leak_warning(split.labeled, eval_ids(args.data, name), name):
                 print(warning, flush=True)
     if args.check_data:  # every rank checks; rank 0 prints
-        selection = args.data.val_split if args.select_on == "val" else args.data.test_split
-        check_training_data(args.data, SemiSplit(split.labeled, [] if args.method == "supervised" else split.unlabeled),
-                            pseudo_dir=pseudo_dir_of(args), eval_splits=(selection, args.data.test_split),
-                            show=main)
+        unlabeled = [] if args.method == "supervised" else split.unlabeled
+        check_training_data(args.data, SemiSplit(split.labeled, unlabeled), pseudo_dir=pseudo_dir_of(args),
+                            eval_splits=(args.selection_split, args.data.test_split), show=main)
     return split
 
 
