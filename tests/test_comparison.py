@@ -136,3 +136,14 @@ def test_runs_in_spawned_processes_give_their_loaders_the_platform_start_method(
     finally:
         multiprocessing.set_start_method(default, force=True)
         torch.set_num_threads(threads)
+
+
+def test_data_seed_draws_another_synthetic_set(tmp_path: Path) -> None:
+    def labels(root: Path, data_seed: int) -> list[bytes]:
+        comparison.prepare_data(root, Regime(pairs=6, size=32, data_seed=data_seed))
+        assert len(list((root / "pseudo").iterdir())) > 0  # CEG labels for the training split
+        return [p.read_bytes() for p in sorted((root / "label").iterdir())]
+
+    first = labels(tmp_path / "a", 0)
+    assert labels(tmp_path / "b", 0) == first
+    assert labels(tmp_path / "c", 1) != first

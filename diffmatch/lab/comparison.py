@@ -54,6 +54,8 @@ class Regime:
     """Share of the synthetic pairs in the test split."""
     size: int = 128
     """Side of the synthetic images."""
+    data_seed: int = 0
+    """Seed of the synthetic set (scenes, changes, simulated VLM outputs, splits)."""
     label_ratio: float = 0.05
     """Share of the training pairs with labels."""
     crop: int = 64
@@ -97,11 +99,12 @@ class Launch(NamedTuple):
     """Runs at a time, each in its own process with its share of the CPU threads."""
 
 
-def prepare_data(root: Path, regime: Regime, *, seed: int = 0, workers: int = 1) -> None:
-    """A synthetic set at ``root`` (kept if complete) and its CEG labels for the training split."""
+def prepare_data(root: Path, regime: Regime, *, workers: int = 1) -> None:
+    """The regime's synthetic set at ``root`` (kept if complete) and its CEG labels for the training
+    split."""
     synthetic.generate(synthetic.Args(out=root, num_pairs=regime.pairs, size=regime.size,
                                       val_fraction=regime.val_fraction, test_fraction=regime.test_fraction,
-                                      seed=seed, workers=workers), verbose=False)
+                                      seed=regime.data_seed, workers=workers), verbose=False)
     prepare_labels(root, workers=workers)
 
 
