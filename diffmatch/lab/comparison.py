@@ -120,7 +120,8 @@ def data_root(data: Path | None, runs: Path, regime: Regime, *, workers: int = 1
     if data is not None:
         prepare_labels(data, workers=workers)
         return data
-    print(f"writing {regime.pairs} synthetic pairs of {regime.size} px to {runs / 'data'}", file=sys.stderr)
+    print(f"synthetic set: {regime.pairs} pairs of {regime.size} px at {runs / 'data'} (pairs already complete are"
+          " kept)", file=sys.stderr)
     prepare_data(runs / "data", regime, workers=workers)
     return runs / "data"
 
